@@ -1,0 +1,470 @@
+// Python bindings of the fst core: registration and conversion of values only; the work is
+// done in cpp/src. The GIL is released for every stage that touches files.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <cstring>
+#include <optional>
+#include <unordered_map>
+
+#include "detail/dlpack_abi.hpp"
+#include "detail/posix_file.hpp"
+#include "fst/cuda.hpp"
+#include "fst/errors.hpp"
+#include "fst/export.hpp"
+#include "fst/plan.hpp"
+#include "fst/reader.hpp"
+
+namespace py = pybind11;
+using namespace fst;
+
+
+namespace {
+
+// ---------------------------------------------------------------- exceptions -----------
+
+py::object g_fst_error, g_header_error, g_unsupported_error, g_cuda_error;
+
+void raise_with_attrs(const py::object& cls, const std::string& msg,
+                      std::initializer_list<std::pair<const char*, py::object>> attrs) {
+  py::object exc = cls(msg);
+  for (const auto& [k, v] : attrs) exc.attr(k) = v;
+  PyErr_SetObject(cls.ptr(), exc.ptr());
+}
+
+void translate(std::exception_ptr p) {
+  try {
+    if (p) std::rethrow_exception(p);
+  } catch (const HeaderError& e) {
+    raise_with_attrs(g_header_error, e.what(),
+                     {{"file", py::str(e.file())},
+                      {"tensor", e.tensor().empty() ? py::object(py::none()) : py::object(py::str(e.tensor()))},
+                      {"rule", py::str(header_rule_name(e.rule()))}});
+  } catch (const IoError& e) {
+    py::object exc = py::module_::import("builtins").attr("OSError")(e.err(), e.what(), e.path());
+    PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(exc.ptr())), exc.ptr());
+  } catch (const KeyNotFoundError& e) {
+    PyErr_SetObject(PyExc_KeyError, py::str(e.what()).ptr());
+  } catch (const UnsupportedError& e) {
+    PyErr_SetString(g_unsupported_error.ptr(), e.what());
+  } catch (const CudaError& e) {
+    PyErr_SetString(g_cuda_error.ptr(), e.what());
+  } catch (const Error& e) {
+    PyErr_SetString(g_fst_error.ptr(), e.what());
+  }
+}
+
+// ---------------------------------------------------------------- export ---------------
+
+// One tensor ready to leave the core: the memory that keeps it alive and how to read it.
+struct ExportItem {
+  std::shared_ptr<const Buffer> owner;
+  void* data;
+  Dtype dtype;
+  std::vector<std::int64_t> shape;
+};
+
+std::vector<std::int64_t> shape_of(const TensorEntry& e) {
+  return std::vector<std::int64_t>(e.shape.begin(), e.shape.end());
+}
+
+// A tensor that speaks the DLPack protocol (__dlpack__ / __dlpack_device__), so any
+// framework's from_dlpack can take it without a copy.
+class DLPackTensor {
+ public:
+  explicit DLPackTensor(ExportItem item) : item_(std::move(item)) {}
+
+  py::capsule dlpack(py::object stream, py::object max_version, py::object dl_device, py::object copy) {
+    (void)stream;
+    if (!copy.is_none() && copy.cast<bool>())
+      throw py::value_error("fst tensors are exported without copies (copy=True is not supported)");
+    if (!dl_device.is_none()) {
+      auto dev = dl_device.cast<std::pair<int, int>>();
+      if (dev.first != device_.type || dev.second != device_.id)
+        throw py::buffer_error("fst cannot export to another device");
+    }
+    bool versioned = false;
+    if (!max_version.is_none()) versioned = max_version.cast<std::pair<int, int>>().first >= 1;
+    void* managed = make_dlpack(item_.owner, item_.data, item_.dtype, item_.shape, device_, versioned);
+    const char* name = versioned ? "dltensor_versioned" : "dltensor";
+    PyObject* cap = PyCapsule_New(managed, name, versioned ? &destroy_versioned : &destroy_legacy);
+    if (!cap) {
+      free_dlpack(managed, versioned);
+      throw py::error_already_set();
+    }
+    return py::reinterpret_steal<py::capsule>(cap);
+  }
+  std::pair<int, int> dlpack_device() const { return {device_.type, device_.id}; }
+  std::string dtype() const { return std::string(dtype_name(item_.dtype)); }
+  py::tuple shape() const { return py::cast(item_.shape); }
+  std::uintptr_t data_ptr() const { return reinterpret_cast<std::uintptr_t>(item_.data); }
+
+ private:
+  // A capsule still carrying its original name was never consumed: free it here.
+  static void destroy_versioned(PyObject* cap) {
+    if (PyCapsule_IsValid(cap, "dltensor_versioned"))
+      free_dlpack(PyCapsule_GetPointer(cap, "dltensor_versioned"), true);
+  }
+  static void destroy_legacy(PyObject* cap) {
+    if (PyCapsule_IsValid(cap, "dltensor")) free_dlpack(PyCapsule_GetPointer(cap, "dltensor"), false);
+  }
+
+  ExportItem item_;
+  ExportDevice device_;
+};
+
+// Tensors of dtypes whose consumer lacks a DLPack code travel as their bytes (U8, the last
+// dimension scaled to bytes: F4's x2-packed layout) and are re-typed by the adapter.
+ExportItem as_bytes(ExportItem item) {
+  unsigned bits = dtype_bits(item.dtype);
+  if (!item.shape.empty()) {
+    std::int64_t& last = item.shape.back();
+    if ((last * static_cast<std::int64_t>(bits)) % 8 != 0)
+      throw UnsupportedError(std::string(dtype_name(item.dtype)) +
+                             " tensor whose last dimension does not fill whole bytes cannot be exported");
+    last = last * bits / 8;
+  }
+  item.dtype = Dtype::U8;
+  return item;
+}
+
+py::capsule owner_capsule(const std::shared_ptr<const Buffer>& owner) {
+  auto* keep = new std::shared_ptr<const Buffer>(owner);
+  return py::capsule(keep, [](void* p) { delete static_cast<std::shared_ptr<const Buffer>*>(p); });
+}
+
+// numpy arrays straight from C++ (one call for all tensors, no per-tensor Python work).
+// `dtypes[d]` is the numpy dtype for fst Dtype d, or None when numpy has none.
+py::object numpy_array(const ExportItem& item, const py::list& dtypes, py::handle base,
+                       const std::string& name) {
+  py::object dt = dtypes[static_cast<std::size_t>(item.dtype)];
+  if (dt.is_none())
+    throw UnsupportedError("tensor '" + name + "': " + std::string(dtype_name(item.dtype)) +
+                           " has no numpy dtype (use framework='torch')");
+  std::vector<py::ssize_t> shape(item.shape.begin(), item.shape.end());
+  return py::array(py::dtype::from_args(dt), shape, item.data, base);
+}
+
+// ---------------------------------------------------------------- objects --------------
+
+struct PyCheckpoint;
+
+struct PySelection {
+  std::shared_ptr<const Checkpoint> ckpt;
+  std::vector<TensorRef> refs;
+  std::uint64_t nbytes() const {
+    std::uint64_t n = 0;
+    for (auto r : refs) n += ckpt->entry(r).nbytes();
+    return n;
+  }
+};
+
+struct PyLoaded {
+  LoadedTensors loaded;
+  std::shared_ptr<const Checkpoint> ckpt;
+
+  ExportItem item(std::size_t i) const {
+    const TensorEntry& e = ckpt->entry(loaded.selection[i]);
+    return ExportItem{loaded.owners[loaded.owner_of[i]], loaded.data[i], e.dtype, shape_of(e)};
+  }
+  py::dict to_numpy(const py::list& dtypes) const {
+    py::dict out;
+    std::vector<py::object> bases(loaded.owners.size());
+    for (std::size_t i = 0; i < loaded.selection.size(); ++i) {
+      std::uint32_t o = loaded.owner_of[i];
+      if (!bases[o]) bases[o] = owner_capsule(loaded.owners[o]);
+      const std::string& name = ckpt->entry(loaded.selection[i]).name;
+      out[py::str(name)] = numpy_array(item(i), dtypes, bases[o], name);
+    }
+    return out;
+  }
+  py::list to_dlpack(const std::vector<bool>& bytes_for) const {
+    py::list out;
+    for (std::size_t i = 0; i < loaded.selection.size(); ++i) {
+      ExportItem it = item(i);
+      if (bytes_for[static_cast<std::size_t>(it.dtype)]) it = as_bytes(std::move(it));
+      out.append(py::make_tuple(py::str(ckpt->entry(loaded.selection[i]).name), DLPackTensor(std::move(it))));
+    }
+    return out;
+  }
+  py::dict stats() const {
+    const LoadStats& s = loaded.stats;
+    py::dict d;
+    d["backend"] = backend_name(s.backend);
+    d["reason"] = s.reason;
+    d["tensors"] = loaded.selection.size();
+    d["bytes"] = s.bytes;
+    d["bytes_read"] = s.bytes_read;
+    d["requests"] = s.requests;
+    d["resident"] = s.resident < 0 ? py::object(py::none()) : py::object(py::float_(s.resident));
+    d["seconds"] = s.seconds;
+    d["threads"] = s.threads;
+    return d;
+  }
+};
+
+struct PyPending {
+  std::unique_ptr<PendingLoad> pending;
+  std::shared_ptr<const Checkpoint> ckpt;
+
+  PyLoaded wait(py::object progress) {
+    if (!pending) throw Error("this load was already collected");
+    std::optional<py::error_already_set> py_error;
+    auto tick = [&]() -> bool {
+      py::gil_scoped_acquire gil;
+      if (PyErr_CheckSignals() != 0) {
+        py_error.emplace();
+        return false;
+      }
+      if (!progress.is_none()) {
+        try {
+          progress(pending->bytes_done(), pending->bytes_total());
+        } catch (py::error_already_set& e) {
+          py_error.emplace(std::move(e));
+          return false;
+        }
+      }
+      return true;
+    };
+    LoadedTensors loaded;
+    try {
+      py::gil_scoped_release release;
+      loaded = pending->wait(tick);
+    } catch (...) {
+      pending.reset();
+      if (py_error) throw *py_error;
+      throw;
+    }
+    pending.reset();
+    if (!progress.is_none()) progress(loaded.stats.bytes, loaded.stats.bytes);
+    return PyLoaded{std::move(loaded), ckpt};
+  }
+};
+
+struct PyCheckpoint {
+  std::shared_ptr<const Checkpoint> ckpt;
+
+  const FileHeader& file(std::size_t i) const {
+    if (i >= ckpt->files().size()) throw py::index_error("file index out of range");
+    return ckpt->files()[i];
+  }
+  TensorRef ref(const std::string& name) const {
+    const TensorRef* r = ckpt->find(name);
+    if (!r) throw KeyNotFoundError(name);
+    return *r;
+  }
+  py::list names(bool sorted) const {
+    std::vector<const std::string*> names;
+    names.reserve(ckpt->all().size());
+    for (TensorRef r : ckpt->all()) names.push_back(&ckpt->entry(r).name);
+    if (sorted) std::sort(names.begin(), names.end(), [](auto* a, auto* b) { return *a < *b; });
+    py::list out(names.size());
+    for (std::size_t i = 0; i < names.size(); ++i) out[i] = py::str(*names[i]);
+    return out;
+  }
+  py::tuple info(const std::string& name) const {
+    TensorRef r = ref(name);
+    const TensorEntry& e = ckpt->entry(r);
+    return py::make_tuple(std::string(dtype_name(e.dtype)), py::tuple(py::cast(e.shape)),
+                          py::make_tuple(e.begin, e.end), r.file);
+  }
+  // (name, dtype, shape, begin, end, file index, absolute offset) for every tensor, file order.
+  py::list entries() const {
+    py::list out(ckpt->all().size());
+    std::size_t i = 0;
+    for (TensorRef r : ckpt->all()) {
+      const TensorEntry& e = ckpt->entry(r);
+      out[i++] = py::make_tuple(py::str(e.name), std::string(dtype_name(e.dtype)),
+                                py::tuple(py::cast(e.shape)), e.begin, e.end, r.file,
+                                ckpt->absolute_offset(r));
+    }
+    return out;
+  }
+  py::object metadata(std::size_t i) const {
+    const FileHeader& h = file(i);
+    if (!h.has_metadata) return py::none();
+    py::dict d;
+    for (const auto& [k, v] : h.metadata) d[py::str(k)] = py::str(v);
+    return d;
+  }
+  PySelection select(const std::optional<std::vector<std::string>>& patterns) const {
+    if (!patterns) return PySelection{ckpt, ckpt->all()};
+    std::vector<TensorRef> refs;
+    {
+      py::gil_scoped_release release;
+      refs = ckpt->select(*patterns);
+    }
+    return PySelection{ckpt, std::move(refs)};
+  }
+  // Rows [lo, hi) of dimension 0 of one tensor (the whole tensor for a scalar), read into an
+  // aligned buffer of its own: what safe_open's slices and single-tensor reads need.
+  DLPackTensor read_rows(const std::string& name, std::uint64_t lo, std::uint64_t hi,
+                         std::uint64_t alignment, bool bytes) const {
+    TensorRef r = ref(name);
+    const TensorEntry& e = ckpt->entry(r);
+    std::vector<std::int64_t> shape = shape_of(e);
+    std::uint64_t begin = 0, len = e.nbytes();
+    if (!shape.empty()) {
+      std::uint64_t rows = e.shape[0];
+      if (lo > hi || hi > rows) throw py::index_error("row range out of bounds");
+      std::uint64_t row_bytes = rows ? e.nbytes() / rows : 0;
+      begin = lo * row_bytes;
+      len = (hi - lo) * row_bytes;
+      shape[0] = static_cast<std::int64_t>(hi - lo);
+    }
+    std::shared_ptr<HostArena> arena;
+    {
+      py::gil_scoped_release release;
+      arena = std::make_shared<HostArena>(len, alignment);
+      if (len) {
+        fst::detail::PosixFile f(file(r.file).path, O_RDONLY);
+        f.read_exact(arena->data(), len, ckpt->absolute_offset(r) + begin);
+      }
+    }
+    ExportItem it{arena, arena->data(), e.dtype, shape};
+    return DLPackTensor(bytes ? as_bytes(std::move(it)) : std::move(it));
+  }
+};
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "fst core: strict safetensors planning, parallel reads, DLPack export";
+  py::module_ errors = py::module_::import("fst.errors");
+  g_fst_error = errors.attr("FstError");
+  g_header_error = errors.attr("HeaderError");
+  g_unsupported_error = errors.attr("UnsupportedError");
+  g_cuda_error = errors.attr("CudaError");
+  py::register_exception_translator(&translate);
+
+  py::list dtype_names;
+  for (int i = 0; i < kDtypeCount; ++i) dtype_names.append(std::string(dtype_name(static_cast<Dtype>(i))));
+  m.attr("DTYPE_NAMES") = dtype_names;
+  m.attr("MAX_HEADER_LEN") = kMaxHeaderLen;
+#ifdef FST_HAVE_KERNELS
+  m.attr("HAVE_KERNELS") = true;
+#else
+  m.attr("HAVE_KERNELS") = false;
+#endif
+  m.def("default_threads", &ThreadPool::default_threads);
+  m.def("dtype_bits", [](const std::string& name) {
+    auto d = dtype_from_name(name);
+    if (!d) throw py::value_error("unknown dtype '" + name + "'");
+    return dtype_bits(*d);
+  });
+
+  py::class_<DLPackTensor>(m, "DLPackTensor")
+      .def("__dlpack__", &DLPackTensor::dlpack, py::kw_only(), py::arg("stream") = py::none(),
+           py::arg("max_version") = py::none(), py::arg("dl_device") = py::none(),
+           py::arg("copy") = py::none())
+      .def("__dlpack_device__", &DLPackTensor::dlpack_device)
+      .def_property_readonly("dtype", &DLPackTensor::dtype)
+      .def_property_readonly("shape", &DLPackTensor::shape)
+      .def_property_readonly("data_ptr", &DLPackTensor::data_ptr);
+
+  py::class_<PyLoaded>(m, "Loaded")
+      .def("to_numpy", &PyLoaded::to_numpy, py::arg("dtypes"))
+      .def("to_dlpack", &PyLoaded::to_dlpack, py::arg("bytes_for"))
+      .def_property_readonly("stats", &PyLoaded::stats)
+      .def("__len__", [](const PyLoaded& l) { return l.loaded.selection.size(); });
+
+  py::class_<PyPending>(m, "PendingLoad")
+      .def("wait", &PyPending::wait, py::arg("progress") = py::none())
+      .def_property_readonly("bytes_total", [](const PyPending& p) { return p.pending ? p.pending->bytes_total() : 0; });
+
+  py::class_<PySelection>(m, "Selection")
+      .def("__len__", [](const PySelection& s) { return s.refs.size(); })
+      .def_property_readonly("nbytes", &PySelection::nbytes)
+      .def("names", [](const PySelection& s) {
+        py::list out;
+        for (auto r : s.refs) out.append(py::str(s.ckpt->entry(r).name));
+        return out;
+      })
+      .def("split", [](const PySelection& s, std::uint64_t budget) {
+        // Consecutive groups of at most `budget` bytes (a larger tensor gets a group alone).
+        std::vector<PySelection> groups;
+        std::uint64_t bytes = 0;
+        for (auto r : s.refs) {
+          std::uint64_t n = s.ckpt->entry(r).nbytes();
+          if (groups.empty() || (bytes + n > budget && !groups.back().refs.empty())) {
+            groups.push_back(PySelection{s.ckpt, {}});
+            bytes = 0;
+          }
+          groups.back().refs.push_back(r);
+          bytes += n;
+        }
+        return groups;
+      }, py::arg("budget"))
+      .def("start", [](const PySelection& s, const std::string& backend, unsigned threads,
+                       std::uint64_t alignment, std::uint64_t view_alignment, bool allow_views) {
+        ReadOptions opt;
+        opt.backend = backend_from_name(backend);
+        opt.threads = threads;
+        opt.alignment = alignment;
+        opt.view_alignment = view_alignment;
+        opt.allow_views = allow_views;
+        PyPending p{nullptr, s.ckpt};
+        py::gil_scoped_release release;
+        p.pending = std::make_unique<PendingLoad>(s.ckpt, s.refs, opt);
+        return p;
+      }, py::arg("backend") = "auto", py::arg("threads") = 0, py::arg("alignment") = 64,
+         py::arg("view_alignment") = 0, py::arg("allow_views") = true);
+
+  py::class_<PyCheckpoint>(m, "Checkpoint")
+      .def(py::init([](const std::vector<std::string>& paths, unsigned threads) {
+             py::gil_scoped_release release;
+             return PyCheckpoint{std::make_shared<const Checkpoint>(paths, threads)};
+           }), py::arg("paths"), py::arg("threads") = 0)
+      .def_property_readonly("files", [](const PyCheckpoint& c) {
+        py::list out;
+        for (const auto& f : c.ckpt->files()) out.append(f.path);
+        return out;
+      })
+      .def("__len__", [](const PyCheckpoint& c) { return c.ckpt->all().size(); })
+      .def("__contains__", [](const PyCheckpoint& c, const std::string& n) { return c.ckpt->find(n) != nullptr; })
+      .def("names", &PyCheckpoint::names, py::arg("sorted") = false)
+      .def("info", &PyCheckpoint::info)
+      .def("entries", &PyCheckpoint::entries)
+      .def("metadata", &PyCheckpoint::metadata, py::arg("file") = 0)
+      .def("header_len", [](const PyCheckpoint& c, std::size_t i) { return c.file(i).header_len; })
+      .def("file_size", [](const PyCheckpoint& c, std::size_t i) { return c.file(i).file_size; })
+      .def_property_readonly("nbytes", [](const PyCheckpoint& c) {
+        std::uint64_t n = 0;
+        for (const auto& f : c.ckpt->files()) n += f.data_size();
+        return n;
+      })
+      .def("select", &PyCheckpoint::select, py::arg("patterns") = py::none())
+      .def("read_rows", &PyCheckpoint::read_rows, py::arg("name"), py::arg("lo"), py::arg("hi"),
+           py::arg("alignment") = 64, py::arg("as_bytes") = false);
+
+  m.def("cuda_driver_info", [] {
+    CudaDriverInfo i = cuda_driver_info();
+    py::dict d;
+    d["available"] = i.available;
+    d["reason"] = i.reason;
+    d["driver_version"] = i.driver_version;
+    d["devices"] = i.devices;
+    return d;
+  });
+  m.def("cufile_info", [] {
+    CufileInfo i = cufile_info();
+    py::dict d;
+    d["available"] = i.available;
+    d["reason"] = i.reason;
+    d["library"] = i.library;
+    return d;
+  });
+  m.def("direct_io_supported", [](const std::string& path) {
+    int err = 0;
+    bool ok = direct_io_supported(path, err);
+    return py::make_tuple(ok, ok ? std::string() : std::string(std::strerror(err)));
+  });
+  m.def("page_cache_residency", [](const std::string& path) {
+    fst::detail::PosixFile f(path, O_RDONLY);
+    std::uint64_t size = f.size();
+    return page_cache_residency(f.fd(), size, 0, size);
+  });
+
+}

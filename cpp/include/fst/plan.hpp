@@ -1,0 +1,70 @@
+// Plan: the headers of every file of a checkpoint, the tensors a load selects, where each
+// lands in memory, and the merged read requests that fill those places.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "fst/header.hpp"
+
+namespace fst {
+
+struct TensorRef {
+  std::uint32_t file;
+  std::uint32_t index;  // into files[file].tensors
+};
+
+class Checkpoint {
+ public:
+  // Parses every header (in parallel over files) and refuses a name present in two files.
+  Checkpoint(const std::vector<std::string>& paths, unsigned threads);
+
+  const std::vector<FileHeader>& files() const noexcept { return files_; }
+  const TensorEntry& entry(TensorRef r) const { return files_[r.file].tensors[r.index]; }
+  // All tensors in file order (file by file, by data offset).
+  const std::vector<TensorRef>& all() const noexcept { return all_; }
+  // nullptr when absent.
+  const TensorRef* find(const std::string& name) const;
+  // Tensors whose name equals one of `patterns` or matches it as a glob (*, ?, [...]),
+  // in file order. An exact name that matches nothing is an error (KeyError in Python).
+  std::vector<TensorRef> select(const std::vector<std::string>& patterns) const;
+  std::uint64_t absolute_offset(TensorRef r) const { return files_[r.file].data_start() + entry(r).begin; }
+
+ private:
+  std::vector<FileHeader> files_;
+  std::vector<TensorRef> all_;
+  std::unordered_map<std::string, TensorRef> by_name_;
+};
+
+// Where each selected tensor goes in one host arena: slots aligned to `alignment`.
+struct Placement {
+  std::vector<std::uint64_t> offsets;  // parallel to the selection
+  std::uint64_t size = 0;
+};
+Placement place(const Checkpoint& ckpt, const std::vector<TensorRef>& sel, std::uint64_t alignment);
+
+// One contiguous range of one file, scattered into consecutive pieces of the arena.
+struct Piece {
+  std::uint64_t arena_offset;
+  std::uint64_t length;
+};
+struct ReadRequest {
+  std::uint32_t file;
+  std::uint64_t offset;  // absolute, in the file
+  std::uint64_t length;
+  std::uint32_t first_piece;
+  std::uint32_t piece_count;
+};
+struct ReadPlan {
+  std::vector<ReadRequest> requests;
+  std::vector<Piece> pieces;
+  std::uint64_t bytes = 0;
+};
+// Merges tensors that are adjacent in a file into requests of at most `max_request` bytes
+// and `max_pieces` pieces; a tensor larger than `max_request` is split across requests.
+ReadPlan plan_reads(const Checkpoint& ckpt, const std::vector<TensorRef>& sel,
+                    const Placement& placement, std::uint64_t max_request, std::uint32_t max_pieces);
+
+}  // namespace fst

@@ -1,0 +1,93 @@
+// Read: fills host memory with the selected tensors through one of the I/O backends, on a
+// thread pool, and says which backend ran and why.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "fst/buffer.hpp"
+#include "fst/plan.hpp"
+#include "fst/thread_pool.hpp"
+
+namespace fst {
+
+enum class Backend { Auto, Pread, Direct, Mmap };
+const char* backend_name(Backend b) noexcept;
+Backend backend_from_name(const std::string& name);  // throws std::invalid_argument
+
+struct ReadOptions {
+  Backend backend = Backend::Auto;
+  unsigned threads = 0;                    // 0: the CPUs this process may use
+  std::uint64_t alignment = 64;            // of every slot fst fills itself
+  std::uint64_t view_alignment = 0;        // zero-copy mmap views need this (0: natural)
+  bool allow_views = true;                 // may tensors view a file mapping (CPU targets)?
+  std::uint64_t max_request = 16u << 20;   // bytes per read request
+  double resident_for_mmap = 0.98;         // auto: page-cache share above which mmap wins
+};
+
+struct LoadStats {
+  Backend backend = Backend::Auto;
+  std::string reason;
+  std::uint64_t bytes = 0;      // tensor bytes delivered
+  std::uint64_t bytes_read = 0; // bytes read from files (0 for zero-copy views)
+  std::uint64_t requests = 0;
+  double resident = -1;         // share of the bytes in the page cache (-1: not measured)
+  double seconds = 0;
+  unsigned threads = 0;
+};
+
+// Tensors of one load: data[i] is where selection[i] lives, kept alive by owners[owner_of[i]].
+struct LoadedTensors {
+  std::vector<TensorRef> selection;
+  std::vector<std::byte*> data;
+  std::vector<std::uint32_t> owner_of;
+  std::vector<std::shared_ptr<Buffer>> owners;
+  LoadStats stats;
+};
+
+// A load in flight. wait() drives it to the end on the calling thread.
+class PendingLoad {
+ public:
+  PendingLoad(std::shared_ptr<const Checkpoint> ckpt, std::vector<TensorRef> selection,
+              const ReadOptions& options);
+  ~PendingLoad();
+  PendingLoad(const PendingLoad&) = delete;
+  PendingLoad& operator=(const PendingLoad&) = delete;
+
+  // Waits for the reads, calling `tick` every `tick_ms` meanwhile; `tick` returns false to
+  // cancel (the load then stops early and wait() returns after the workers are idle). Throws
+  // the first read error.
+  LoadedTensors wait(const std::function<bool()>& tick, int tick_ms = 100);
+  std::uint64_t bytes_done() const noexcept { return done_.load(std::memory_order_relaxed); }
+  std::uint64_t bytes_total() const noexcept { return result_.stats.bytes; }
+  void cancel() noexcept { group_.cancel(); }
+
+ private:
+  void start_views();
+  void start_reads(bool direct);
+
+  std::shared_ptr<const Checkpoint> ckpt_;
+  ReadOptions opt_;
+  LoadedTensors result_;
+  std::unique_ptr<ThreadPool> pool_;
+  TaskGroup group_;
+  ReadPlan plan_;
+  std::vector<int> fds_;  // borrowed from files_
+  struct Files;
+  std::unique_ptr<Files> files_;
+  std::atomic<std::uint64_t> done_{0};
+  double started_ = 0;
+  bool finished_ = false;
+};
+
+// Share of bytes [offset, offset+length) of `path` that is in the page cache (0..1).
+double page_cache_residency(int fd, std::uint64_t file_size, std::uint64_t offset, std::uint64_t length);
+
+// Whether O_DIRECT can be opened for `path` (and errno otherwise).
+bool direct_io_supported(const std::string& path, int& err);
+
+}  // namespace fst

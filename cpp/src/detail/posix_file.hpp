@@ -1,0 +1,38 @@
+// RAII file descriptor with the few operations the reader needs; every failure is an IoError
+// naming the operation and the path.
+#pragma once
+
+#include <fcntl.h>
+#include <sys/types.h>
+
+#include <cstdint>
+#include <string>
+
+namespace fst::detail {
+
+class PosixFile {
+ public:
+  PosixFile() = default;
+  PosixFile(const std::string& path, int flags);
+  ~PosixFile();
+  PosixFile(PosixFile&& o) noexcept : fd_(o.fd_), path_(std::move(o.path_)) { o.fd_ = -1; }
+  PosixFile& operator=(PosixFile&& o) noexcept;
+  PosixFile(const PosixFile&) = delete;
+  PosixFile& operator=(const PosixFile&) = delete;
+
+  // Like the constructor, but returns an invalid file and sets `err` instead of throwing.
+  static PosixFile try_open(const std::string& path, int flags, int& err);
+
+  int fd() const noexcept { return fd_; }
+  bool valid() const noexcept { return fd_ >= 0; }
+  const std::string& path() const noexcept { return path_; }
+  std::uint64_t size() const;
+  // Reads exactly `n` bytes at `offset`; a short read means the file shrank: IoError.
+  void read_exact(void* dst, std::uint64_t n, std::uint64_t offset) const;
+
+ private:
+  int fd_ = -1;
+  std::string path_;
+};
+
+}  // namespace fst::detail

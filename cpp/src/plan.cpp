@@ -1,0 +1,114 @@
+#include "fst/plan.hpp"
+
+#include <fnmatch.h>
+
+#include <algorithm>
+#include <unordered_set>
+
+#include "fst/buffer.hpp"
+#include "fst/errors.hpp"
+#include "fst/thread_pool.hpp"
+
+namespace fst {
+
+Checkpoint::Checkpoint(const std::vector<std::string>& paths, unsigned threads) {
+  files_.resize(paths.size());
+  if (paths.size() == 1) {
+    files_[0] = read_header(paths[0]);
+  } else if (!paths.empty()) {
+    ThreadPool pool(std::min<unsigned>(threads ? threads : ThreadPool::default_threads(),
+                                       static_cast<unsigned>(paths.size())));
+    TaskGroup group;
+    for (std::size_t i = 0; i < paths.size(); ++i)
+      pool.submit(group, [&, i](unsigned) { files_[i] = read_header(paths[i]); });
+    group.wait_for(-1);
+    group.rethrow();
+  }
+  std::size_t total = 0;
+  for (const auto& f : files_) total += f.tensors.size();
+  all_.reserve(total);
+  by_name_.reserve(total);
+  for (std::uint32_t fi = 0; fi < files_.size(); ++fi) {
+    const auto& tensors = files_[fi].tensors;
+    for (std::uint32_t ti = 0; ti < tensors.size(); ++ti) {
+      TensorRef ref{fi, ti};
+      auto [it, inserted] = by_name_.emplace(tensors[ti].name, ref);
+      if (!inserted)
+        throw HeaderError(files_[fi].path, tensors[ti].name, HeaderRule::DuplicateTensor,
+                          "the name is also in '" + files_[it->second.file].path + "'");
+      all_.push_back(ref);
+    }
+  }
+}
+
+const TensorRef* Checkpoint::find(const std::string& name) const {
+  auto it = by_name_.find(name);
+  return it == by_name_.end() ? nullptr : &it->second;
+}
+
+std::vector<TensorRef> Checkpoint::select(const std::vector<std::string>& patterns) const {
+  std::unordered_set<std::string> exact;
+  std::vector<const std::string*> globs;
+  for (const auto& p : patterns) {
+    if (p.find_first_of("*?[") != std::string::npos) {
+      globs.push_back(&p);
+    } else {
+      if (!find(p)) throw KeyNotFoundError(p);
+      exact.insert(p);
+    }
+  }
+  std::vector<TensorRef> out;
+  for (TensorRef r : all_) {
+    const std::string& name = entry(r).name;
+    bool keep = exact.count(name) > 0;
+    for (std::size_t i = 0; !keep && i < globs.size(); ++i)
+      keep = ::fnmatch(globs[i]->c_str(), name.c_str(), 0) == 0;
+    if (keep) out.push_back(r);
+  }
+  return out;
+}
+
+Placement place(const Checkpoint& ckpt, const std::vector<TensorRef>& sel, std::uint64_t alignment) {
+  Placement p;
+  p.offsets.resize(sel.size());
+  std::uint64_t cursor = 0;
+  for (std::size_t i = 0; i < sel.size(); ++i) {
+    cursor = align_up(cursor, alignment);
+    p.offsets[i] = cursor;
+    cursor += ckpt.entry(sel[i]).nbytes();
+  }
+  p.size = cursor;
+  return p;
+}
+
+ReadPlan plan_reads(const Checkpoint& ckpt, const std::vector<TensorRef>& sel,
+                    const Placement& placement, std::uint64_t max_request, std::uint32_t max_pieces) {
+  ReadPlan plan;
+  ReadRequest* open = nullptr;  // the request still accepting adjacent pieces
+  auto start_request = [&](std::uint32_t file, std::uint64_t offset) {
+    plan.requests.push_back(ReadRequest{file, offset, 0, static_cast<std::uint32_t>(plan.pieces.size()), 0});
+    open = &plan.requests.back();
+  };
+  for (std::size_t i = 0; i < sel.size(); ++i) {
+    const TensorEntry& t = ckpt.entry(sel[i]);
+    std::uint64_t file_off = ckpt.absolute_offset(sel[i]);
+    std::uint64_t arena_off = placement.offsets[i];
+    std::uint64_t left = t.nbytes();
+    plan.bytes += left;
+    while (left > 0) {
+      bool adjacent = open && open->file == sel[i].file && open->offset + open->length == file_off;
+      if (!adjacent || open->length >= max_request || open->piece_count >= max_pieces)
+        start_request(sel[i].file, file_off);
+      std::uint64_t take = std::min(left, max_request - open->length);
+      plan.pieces.push_back(Piece{arena_off, take});
+      open->length += take;
+      ++open->piece_count;
+      file_off += take;
+      arena_off += take;
+      left -= take;
+    }
+  }
+  return plan;
+}
+
+}  // namespace fst

@@ -1,0 +1,28 @@
+"""The exceptions fst raises. I/O failures are plain OSError (FileNotFoundError, ...)."""
+
+from __future__ import annotations
+
+
+class FstError(Exception):
+    """Base class of every fst-specific error."""
+
+
+class HeaderError(FstError, ValueError):
+    """A safetensors file breaks a rule of the format.
+
+    Attributes: ``file`` (path), ``tensor`` (name, or None when the rule concerns the whole
+    file) and ``rule`` (the rule broken, as the reference implementation names it, e.g.
+    ``"invalid offset"``).
+    """
+
+    file: str
+    tensor: str | None
+    rule: str
+
+
+class UnsupportedError(FstError):
+    """A backend, device or dtype was asked for that this machine or framework cannot serve."""
+
+
+class CudaError(FstError):
+    """A CUDA driver or cuFile call failed."""
