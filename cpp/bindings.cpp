@@ -16,6 +16,7 @@
 #include "fst/export.hpp"
 #include "fst/plan.hpp"
 #include "fst/reader.hpp"
+#include "fst/source.hpp"
 
 namespace py = pybind11;
 using namespace fst;
@@ -64,6 +65,7 @@ struct ExportItem {
   void* data;
   Dtype dtype;
   std::vector<std::int64_t> shape;
+  Dtype format_dtype;  // the tensor's dtype in the file; `dtype` differs once exported as bytes
 };
 
 std::vector<std::int64_t> shape_of(const TensorEntry& e) {
@@ -98,6 +100,7 @@ class DLPackTensor {
   }
   std::pair<int, int> dlpack_device() const { return {device_.type, device_.id}; }
   std::string dtype() const { return std::string(dtype_name(item_.dtype)); }
+  std::string format_dtype() const { return std::string(dtype_name(item_.format_dtype)); }
   py::tuple shape() const { return py::cast(item_.shape); }
   std::uintptr_t data_ptr() const { return reinterpret_cast<std::uintptr_t>(item_.data); }
 
@@ -119,7 +122,9 @@ class DLPackTensor {
 // dimension scaled to bytes: F4's x2-packed layout) and are re-typed by the adapter.
 ExportItem as_bytes(ExportItem item) {
   unsigned bits = dtype_bits(item.dtype);
-  if (!item.shape.empty()) {
+  if (item.shape.empty()) {
+    item.shape.push_back(static_cast<std::int64_t>(bits / 8));  // a 0-d tensor: its bytes
+  } else {
     std::int64_t& last = item.shape.back();
     if ((last * static_cast<std::int64_t>(bits)) % 8 != 0)
       throw UnsupportedError(std::string(dtype_name(item.dtype)) +
@@ -167,7 +172,7 @@ struct PyLoaded {
 
   ExportItem item(std::size_t i) const {
     const TensorEntry& e = ckpt->entry(loaded.selection[i]);
-    return ExportItem{loaded.owners[loaded.owner_of[i]], loaded.data[i], e.dtype, shape_of(e)};
+    return ExportItem{loaded.owners[loaded.owner_of[i]], loaded.data[i], e.dtype, shape_of(e), e.dtype};
   }
   py::dict to_numpy(const py::list& dtypes) const {
     py::dict out;
@@ -243,6 +248,38 @@ struct PyPending {
   }
 };
 
+ReadOptions read_options(const std::string& backend, unsigned threads, std::uint64_t alignment,
+                         std::uint64_t view_alignment, bool allow_views) {
+  ReadOptions opt;
+  opt.backend = backend_from_name(backend);
+  opt.threads = threads;
+  opt.alignment = alignment;
+  opt.view_alignment = view_alignment;
+  opt.allow_views = allow_views;
+  return opt;
+}
+
+// Single tensors on demand (safe_open): rows [lo, hi) of dimension 0, or the whole tensor.
+struct PySource {
+  std::shared_ptr<const Checkpoint> ckpt;
+  std::shared_ptr<TensorSource> source;
+
+  ExportItem item(const std::string& name, std::optional<std::uint64_t> lo, std::optional<std::uint64_t> hi) const {
+    const TensorRef* r = ckpt->find(name);
+    if (!r) throw KeyNotFoundError(name);
+    const TensorEntry& e = ckpt->entry(*r);
+    std::vector<std::int64_t> shape = shape_of(e);
+    std::uint64_t first = lo.value_or(0), last = hi.value_or(shape.empty() ? 1 : e.shape[0]);
+    TensorSource::Rows rows;
+    {
+      py::gil_scoped_release release;
+      rows = source->rows(*r, first, last);
+    }
+    if (!shape.empty()) shape[0] = static_cast<std::int64_t>(last - first);
+    return ExportItem{rows.owner, rows.data, e.dtype, std::move(shape), e.dtype};
+  }
+};
+
 struct PyCheckpoint {
   std::shared_ptr<const Checkpoint> ckpt;
 
@@ -298,34 +335,6 @@ struct PyCheckpoint {
     }
     return PySelection{ckpt, std::move(refs)};
   }
-  // Rows [lo, hi) of dimension 0 of one tensor (the whole tensor for a scalar), read into an
-  // aligned buffer of its own: what safe_open's slices and single-tensor reads need.
-  DLPackTensor read_rows(const std::string& name, std::uint64_t lo, std::uint64_t hi,
-                         std::uint64_t alignment, bool bytes) const {
-    TensorRef r = ref(name);
-    const TensorEntry& e = ckpt->entry(r);
-    std::vector<std::int64_t> shape = shape_of(e);
-    std::uint64_t begin = 0, len = e.nbytes();
-    if (!shape.empty()) {
-      std::uint64_t rows = e.shape[0];
-      if (lo > hi || hi > rows) throw py::index_error("row range out of bounds");
-      std::uint64_t row_bytes = rows ? e.nbytes() / rows : 0;
-      begin = lo * row_bytes;
-      len = (hi - lo) * row_bytes;
-      shape[0] = static_cast<std::int64_t>(hi - lo);
-    }
-    std::shared_ptr<HostArena> arena;
-    {
-      py::gil_scoped_release release;
-      arena = std::make_shared<HostArena>(len, alignment);
-      if (len) {
-        fst::detail::PosixFile f(file(r.file).path, O_RDONLY);
-        f.read_exact(arena->data(), len, ckpt->absolute_offset(r) + begin);
-      }
-    }
-    ExportItem it{arena, arena->data(), e.dtype, shape};
-    return DLPackTensor(bytes ? as_bytes(std::move(it)) : std::move(it));
-  }
 };
 
 }  // namespace
@@ -361,6 +370,7 @@ PYBIND11_MODULE(_core, m) {
            py::arg("copy") = py::none())
       .def("__dlpack_device__", &DLPackTensor::dlpack_device)
       .def_property_readonly("dtype", &DLPackTensor::dtype)
+      .def_property_readonly("format_dtype", &DLPackTensor::format_dtype)
       .def_property_readonly("shape", &DLPackTensor::shape)
       .def_property_readonly("data_ptr", &DLPackTensor::data_ptr);
 
@@ -399,12 +409,7 @@ PYBIND11_MODULE(_core, m) {
       }, py::arg("budget"))
       .def("start", [](const PySelection& s, const std::string& backend, unsigned threads,
                        std::uint64_t alignment, std::uint64_t view_alignment, bool allow_views) {
-        ReadOptions opt;
-        opt.backend = backend_from_name(backend);
-        opt.threads = threads;
-        opt.alignment = alignment;
-        opt.view_alignment = view_alignment;
-        opt.allow_views = allow_views;
+        ReadOptions opt = read_options(backend, threads, alignment, view_alignment, allow_views);
         PyPending p{nullptr, s.ckpt};
         py::gil_scoped_release release;
         p.pending = std::make_unique<PendingLoad>(s.ckpt, s.refs, opt);
@@ -436,8 +441,28 @@ PYBIND11_MODULE(_core, m) {
         return n;
       })
       .def("select", &PyCheckpoint::select, py::arg("patterns") = py::none())
-      .def("read_rows", &PyCheckpoint::read_rows, py::arg("name"), py::arg("lo"), py::arg("hi"),
-           py::arg("alignment") = 64, py::arg("as_bytes") = false);
+      .def("source", [](const PyCheckpoint& c, const std::string& backend, std::uint64_t alignment,
+                        std::uint64_t view_alignment, bool allow_views) {
+        ReadOptions opt = read_options(backend, 1, alignment, view_alignment, allow_views);
+        py::gil_scoped_release release;
+        return PySource{c.ckpt, std::make_shared<TensorSource>(c.ckpt, opt)};
+      }, py::arg("backend") = "auto", py::arg("alignment") = 64, py::arg("view_alignment") = 0,
+         py::arg("allow_views") = true);
+
+  py::class_<PySource>(m, "TensorSource")
+      .def_property_readonly("backend", [](const PySource& s) { return backend_name(s.source->backend()); })
+      .def_property_readonly("reason", [](const PySource& s) { return s.source->reason(); })
+      .def("tensor", [](const PySource& s, const std::string& name, std::optional<std::uint64_t> lo,
+                        std::optional<std::uint64_t> hi, const std::vector<bool>& bytes_for) {
+        ExportItem it = s.item(name, lo, hi);
+        if (bytes_for[static_cast<std::size_t>(it.dtype)]) it = as_bytes(std::move(it));
+        return DLPackTensor(std::move(it));
+      }, py::arg("name"), py::arg("lo") = py::none(), py::arg("hi") = py::none(), py::arg("bytes_for"))
+      .def("array", [](const PySource& s, const std::string& name, std::optional<std::uint64_t> lo,
+                       std::optional<std::uint64_t> hi, const py::list& dtypes) {
+        ExportItem it = s.item(name, lo, hi);
+        return numpy_array(it, dtypes, owner_capsule(it.owner), name);
+      }, py::arg("name"), py::arg("lo") = py::none(), py::arg("hi") = py::none(), py::arg("dtypes"));
 
   m.def("cuda_driver_info", [] {
     CudaDriverInfo i = cuda_driver_info();

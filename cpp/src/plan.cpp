@@ -47,15 +47,13 @@ const TensorRef* Checkpoint::find(const std::string& name) const {
 }
 
 std::vector<TensorRef> Checkpoint::select(const std::vector<std::string>& patterns) const {
+  // A pattern that is a tensor's exact name selects it, even if it holds glob characters.
   std::unordered_set<std::string> exact;
   std::vector<const std::string*> globs;
   for (const auto& p : patterns) {
-    if (p.find_first_of("*?[") != std::string::npos) {
-      globs.push_back(&p);
-    } else {
-      if (!find(p)) throw KeyNotFoundError(p);
-      exact.insert(p);
-    }
+    if (find(p)) exact.insert(p);
+    else if (p.find_first_of("*?[") != std::string::npos) globs.push_back(&p);
+    else throw KeyNotFoundError(p);
   }
   std::vector<TensorRef> out;
   for (TensorRef r : all_) {

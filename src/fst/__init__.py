@@ -1,1 +1,40 @@
-from .errors import FstError, HeaderError
+"""fst: fast, strict safetensors loading into numpy, PyTorch and JAX.
+
+    import fst
+    tensors = fst.load("model.safetensors", framework="torch")
+
+``import fst`` imports neither torch nor jax; ``fst.torch`` is loaded on first use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import CudaError, FstError, HeaderError, UnsupportedError  # noqa: I001 (first: the core needs them)
+from . import _core
+from ._api import iter_tensors, last_load_stats, load, open_checkpoint
+from ._runtime import runtime_info
+from ._safe_open import safe_open
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CudaError",
+    "FstError",
+    "HeaderError",
+    "UnsupportedError",
+    "iter_tensors",
+    "last_load_stats",
+    "load",
+    "open_checkpoint",
+    "runtime_info",
+    "safe_open",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "torch":
+        import importlib
+
+        return importlib.import_module(".torch", __name__)
+    raise AttributeError(f"module 'fst' has no attribute {name!r}")

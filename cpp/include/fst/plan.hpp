@@ -28,7 +28,8 @@ class Checkpoint {
   // nullptr when absent.
   const TensorRef* find(const std::string& name) const;
   // Tensors whose name equals one of `patterns` or matches it as a glob (*, ?, [...]),
-  // in file order. An exact name that matches nothing is an error (KeyError in Python).
+  // in file order. A pattern without glob characters that names no tensor is an error
+  // (KeyError in Python); a glob may match nothing.
   std::vector<TensorRef> select(const std::vector<std::string>& patterns) const;
   std::uint64_t absolute_offset(TensorRef r) const { return files_[r.file].data_start() + entry(r).begin; }
 

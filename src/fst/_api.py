@@ -1,0 +1,140 @@
+"""The load path as users call it: plan -> read -> export -> adapt."""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any, Iterable, Iterator, Optional, Union
+
+from . import _core
+from ._paths import PathArg, resolve
+from ._progress import make_progress
+from .adapters import get_adapter
+
+Keys = Optional[Union[str, Iterable[str]]]
+
+_local = threading.local()
+
+DEFAULT_BUDGET = 256 << 20
+
+
+def _threads(threads: Optional[int]) -> int:
+    if threads is None:
+        threads = int(os.environ.get("FST_THREADS", "0") or 0)
+    if threads < 0:
+        raise ValueError(f"threads must be >= 0, not {threads}")
+    return threads
+
+
+def _backend(backend: Optional[str]) -> str:
+    return backend or os.environ.get("FST_BACKEND", "auto")
+
+
+def _patterns(keys: Keys) -> Optional[list[str]]:
+    if keys is None:
+        return None
+    if isinstance(keys, str):
+        return [keys]
+    return list(keys)
+
+
+def open_checkpoint(path: PathArg, threads: Optional[int] = None) -> _core.Checkpoint:
+    """Parse and validate every header of a checkpoint (file, list, index or directory)."""
+    return _core.Checkpoint(resolve(path), _threads(threads))
+
+
+def last_load_stats() -> Optional[dict[str, Any]]:
+    """Stats of the most recent load on this thread: backend and why, bytes, seconds."""
+    return getattr(_local, "stats", None)
+
+
+def _record(stats: dict[str, Any], adapter_name: str) -> None:
+    stats = dict(stats)
+    stats["framework"] = adapter_name
+    _local.stats = stats
+
+
+def load(
+    path: PathArg,
+    *,
+    framework: str = "numpy",
+    device: Any = "cpu",
+    keys: Keys = None,
+    backend: Optional[str] = None,
+    threads: Optional[int] = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Load the tensors of a safetensors checkpoint.
+
+    path: a file, a list of files, a ``*.safetensors.index.json`` or a directory.
+    framework: "numpy" / "np", "torch" / "pt", "jax" / "flax".
+    keys: tensor names or glob patterns; only those tensors are read.
+    backend: "auto" (default, or $FST_BACKEND), "pread", "direct" or "mmap".
+    threads: I/O threads (default: $FST_THREADS, else the usable CPUs).
+    progress: show a progress bar on a terminal.
+    Returns a dict of name -> tensor in file order. Tensors own their memory.
+    """
+    adapter = get_adapter(framework)
+    adapter.check_device(device)
+    ckpt = open_checkpoint(path, threads)
+    selection = ckpt.select(_patterns(keys))
+    pending = selection.start(
+        _backend(backend), _threads(threads), adapter.alignment, adapter.view_alignment, True
+    )
+    callback, close = make_progress(progress, selection.nbytes, "fst load")
+    try:
+        loaded = pending.wait(callback)
+    finally:
+        close()
+    _record(loaded.stats, adapter.name)
+    return adapter.export(loaded, device)
+
+
+def iter_tensors(
+    path: PathArg,
+    *,
+    framework: str = "numpy",
+    device: Any = "cpu",
+    keys: Keys = None,
+    backend: Optional[str] = None,
+    threads: Optional[int] = None,
+    progress: bool = False,
+    budget: Optional[int] = None,
+) -> Iterator[tuple[str, Any]]:
+    """Yield (name, tensor) in file order, reading groups of at most `budget` bytes.
+
+    fst holds at most two groups (the one being yielded and the next, read ahead) beyond
+    what the caller keeps; a tensor larger than the budget is a group of its own. The budget
+    defaults to $FST_STAGING_BUDGET or 256 MiB.
+    """
+    adapter = get_adapter(framework)
+    adapter.check_device(device)
+    if budget is None:
+        budget = int(os.environ.get("FST_STAGING_BUDGET", DEFAULT_BUDGET))
+    if budget <= 0:
+        raise ValueError(f"budget must be positive, not {budget}")
+    ckpt = open_checkpoint(path, threads)
+    selection = ckpt.select(_patterns(keys))
+    groups = selection.split(budget)
+    return _stream(adapter, device, groups, _backend(backend), _threads(threads), progress, selection.nbytes)
+
+
+def _stream(adapter, device, groups, backend, threads, progress, total) -> Iterator[tuple[str, Any]]:
+    def start(group):
+        return group.start(backend, threads, adapter.alignment, adapter.view_alignment, True)
+
+    callback, close = make_progress(progress, total, "fst stream")
+    done = 0
+    try:
+        pending = start(groups[0]) if groups else None
+        for k in range(len(groups)):
+            base = done
+            loaded = pending.wait(None if callback is None else (lambda d, _t: callback(base + d, total)))
+            done += groups[k].nbytes
+            # Read the next group while the caller consumes this one.
+            pending = start(groups[k + 1]) if k + 1 < len(groups) else None
+            _record(loaded.stats, adapter.name)
+            yield from adapter.export(loaded, device).items()
+            del loaded
+    finally:
+        close()

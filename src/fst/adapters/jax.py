@@ -1,0 +1,58 @@
+"""JAX adapter: arrays are imported through DLPack (zero-copy on the CPU when 64-byte
+aligned, which fst guarantees for JAX targets). Dtypes follow JAX's own rules: with x64
+disabled, F64/I64/U64 become 32-bit as ``jnp.asarray`` would make them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from .. import _core
+from ..errors import UnsupportedError
+from ._dtypes import table
+
+_NO_BYTES: list[bool] = table(lambda n: False)
+
+
+def _jax_device(device: Any) -> Any:
+    if isinstance(device, jax.Device):
+        return device
+    text = str(device)
+    platform, _, index = text.partition(":")
+    platform = {"gpu": "cuda"}.get(platform, platform)
+    try:
+        devices = jax.devices(platform)
+    except RuntimeError as exc:
+        raise UnsupportedError(f"device {device!r}: JAX has no {platform} backend ({exc})") from None
+    i = int(index) if index else 0
+    if i >= len(devices):
+        raise UnsupportedError(f"device {device!r}: JAX has {len(devices)} {platform} device(s)")
+    return devices[i]
+
+
+class JaxAdapter:
+    name = "jax"
+    alignment = 64
+    view_alignment = 64
+
+    def check_device(self, device: Any) -> None:
+        _jax_device(device)
+
+    def _wrap(self, name: str, t: _core.DLPackTensor, device: Any) -> jax.Array:
+        try:
+            out = jnp.from_dlpack(t)
+        except Exception as exc:  # jaxlib raises several internal error types here
+            raise UnsupportedError(f"tensor {name!r}: {t.format_dtype} cannot become a JAX array ({exc})") from None
+        return out if device.platform == "cpu" else jax.device_put(out, device)
+
+    def export(self, loaded: _core.Loaded, device: Any) -> dict[str, jax.Array]:
+        dev = _jax_device(device)
+        return {name: self._wrap(name, t, dev) for name, t in loaded.to_dlpack(_NO_BYTES)}
+
+    def from_source(self, source: _core.TensorSource, name: str, lo: int | None, hi: int | None, device: Any) -> jax.Array:
+        return self._wrap(name, source.tensor(name, lo, hi, _NO_BYTES), _jax_device(device))
+
+
+ADAPTER = JaxAdapter()
