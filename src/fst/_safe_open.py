@@ -107,7 +107,7 @@ def _contiguous(x: Any) -> Any:
     if type(x).__module__.startswith("numpy"):
         import numpy as np
 
-        return np.ascontiguousarray(x)
+        return np.asarray(x, order="C")  # keeps 0-d results 0-d arrays
     return x
 
 
