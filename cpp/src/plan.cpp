@@ -8,8 +8,17 @@
 #include "fst/buffer.hpp"
 #include "fst/errors.hpp"
 #include "fst/thread_pool.hpp"
+#include "detail/name_index.hpp"
 
 namespace fst {
+
+std::string_view Checkpoint::NameOf::operator()(std::uint32_t i) const {
+  return ckpt->entry(ckpt->all_[i]).name;
+}
+
+struct Checkpoint::NameTable : detail::NameIndex<Checkpoint::NameOf> {
+  using detail::NameIndex<Checkpoint::NameOf>::NameIndex;
+};
 
 Checkpoint::Checkpoint(const std::vector<std::string>& paths, unsigned threads) {
   files_.resize(paths.size());
@@ -27,23 +36,22 @@ Checkpoint::Checkpoint(const std::vector<std::string>& paths, unsigned threads) 
   std::size_t total = 0;
   for (const auto& f : files_) total += f.tensors.size();
   all_.reserve(total);
-  by_name_.reserve(total);
-  for (std::uint32_t fi = 0; fi < files_.size(); ++fi) {
-    const auto& tensors = files_[fi].tensors;
-    for (std::uint32_t ti = 0; ti < tensors.size(); ++ti) {
-      TensorRef ref{fi, ti};
-      auto [it, inserted] = by_name_.emplace(tensors[ti].name, ref);
-      if (!inserted)
-        throw HeaderError(files_[fi].path, tensors[ti].name, HeaderRule::DuplicateTensor,
-                          "the name is also in '" + files_[it->second.file].path + "'");
-      all_.push_back(ref);
-    }
+  for (std::uint32_t fi = 0; fi < files_.size(); ++fi)
+    for (std::uint32_t ti = 0; ti < files_[fi].tensors.size(); ++ti) all_.push_back(TensorRef{fi, ti});
+  by_name_ = std::make_unique<NameTable>(total, NameOf{this});
+  for (std::uint32_t i = 0; i < all_.size(); ++i) {
+    auto [other, inserted] = by_name_->insert(i);
+    if (!inserted)
+      throw HeaderError(files_[all_[i].file].path, entry(all_[i]).name, HeaderRule::DuplicateTensor,
+                        "the name is also in '" + files_[all_[other].file].path + "'");
   }
 }
 
-const TensorRef* Checkpoint::find(const std::string& name) const {
-  auto it = by_name_.find(name);
-  return it == by_name_.end() ? nullptr : &it->second;
+Checkpoint::~Checkpoint() = default;
+
+const TensorRef* Checkpoint::find(std::string_view name) const {
+  std::uint32_t i = by_name_->find(name);
+  return i == NameTable::kEmpty ? nullptr : &all_[i];
 }
 
 std::vector<TensorRef> Checkpoint::select(const std::vector<std::string>& patterns) const {

@@ -4,7 +4,8 @@
 
 #include <cstdint>
 #include <string>
-#include <unordered_map>
+#include <string_view>
+#include <memory>
 #include <vector>
 
 #include "fst/header.hpp"
@@ -20,13 +21,16 @@ class Checkpoint {
  public:
   // Parses every header (in parallel over files) and refuses a name present in two files.
   Checkpoint(const std::vector<std::string>& paths, unsigned threads);
+  ~Checkpoint();
+  Checkpoint(const Checkpoint&) = delete;  // the name table refers to this object
+  Checkpoint& operator=(const Checkpoint&) = delete;
 
   const std::vector<FileHeader>& files() const noexcept { return files_; }
   const TensorEntry& entry(TensorRef r) const { return files_[r.file].tensors[r.index]; }
   // All tensors in file order (file by file, by data offset).
   const std::vector<TensorRef>& all() const noexcept { return all_; }
   // nullptr when absent.
-  const TensorRef* find(const std::string& name) const;
+  const TensorRef* find(std::string_view name) const;
   // Tensors whose name equals one of `patterns` or matches it as a glob (*, ?, [...]),
   // in file order. A pattern without glob characters that names no tensor is an error
   // (KeyError in Python); a glob may match nothing.
@@ -36,7 +40,12 @@ class Checkpoint {
  private:
   std::vector<FileHeader> files_;
   std::vector<TensorRef> all_;
-  std::unordered_map<std::string, TensorRef> by_name_;
+  struct NameOf {
+    const Checkpoint* ckpt;
+    std::string_view operator()(std::uint32_t i) const;
+  };
+  struct NameTable;
+  std::unique_ptr<NameTable> by_name_;  // indices into all_, by name
 };
 
 // Where each selected tensor goes in one host arena: slots aligned to `alignment`.
