@@ -68,8 +68,8 @@ struct ExportItem {
   Dtype format_dtype;  // the tensor's dtype in the file; `dtype` differs once exported as bytes
 };
 
-std::vector<std::int64_t> shape_of(const TensorEntry& e) {
-  return std::vector<std::int64_t>(e.shape.begin(), e.shape.end());
+std::vector<std::int64_t> signed_shape(const std::vector<std::uint64_t>& shape) {
+  return std::vector<std::int64_t>(shape.begin(), shape.end());
 }
 
 // A tensor that speaks the DLPack protocol (__dlpack__ / __dlpack_device__), so any
@@ -158,10 +158,10 @@ struct PyCheckpoint;
 
 struct PySelection {
   std::shared_ptr<const Checkpoint> ckpt;
-  std::vector<TensorRef> refs;
+  std::vector<Pick> picks;
   std::uint64_t nbytes() const {
     std::uint64_t n = 0;
-    for (auto r : refs) n += ckpt->entry(r).nbytes();
+    for (const Pick& p : picks) n += ckpt->extent(p).nbytes;
     return n;
   }
 };
@@ -171,26 +171,32 @@ struct PyLoaded {
   std::shared_ptr<const Checkpoint> ckpt;
 
   ExportItem item(std::size_t i) const {
-    const TensorEntry& e = ckpt->entry(loaded.selection[i]);
-    return ExportItem{loaded.owners[loaded.owner_of[i]], loaded.data[i], e.dtype, shape_of(e), e.dtype};
+    const Pick& p = loaded.selection[i];
+    const Dtype d = ckpt->entry(p.ref).dtype;
+    return ExportItem{loaded.owners[loaded.owner_of[i]], loaded.data[i], d, signed_shape(ckpt->shape(p)), d};
   }
-  py::dict to_numpy(const py::list& dtypes) const {
+  // name -> array, or (with as_dict=false) arrays in selection order: a selection of
+  // shards may hold one tensor several times.
+  py::object to_numpy(const py::list& dtypes, bool as_dict) const {
     py::dict out;
+    py::list seq;
     std::vector<py::object> bases(loaded.owners.size());
     for (std::size_t i = 0; i < loaded.selection.size(); ++i) {
       std::uint32_t o = loaded.owner_of[i];
       if (!bases[o]) bases[o] = owner_capsule(loaded.owners[o]);
-      const std::string& name = ckpt->entry(loaded.selection[i]).name;
-      out[py::str(name)] = numpy_array(item(i), dtypes, bases[o], name);
+      const std::string& name = ckpt->entry(loaded.selection[i].ref).name;
+      py::object arr = numpy_array(item(i), dtypes, bases[o], name);
+      if (as_dict) out[py::str(name)] = arr;
+      else seq.append(arr);
     }
-    return out;
+    return as_dict ? py::object(out) : py::object(seq);
   }
   py::list to_dlpack(const std::vector<bool>& bytes_for) const {
     py::list out;
     for (std::size_t i = 0; i < loaded.selection.size(); ++i) {
       ExportItem it = item(i);
       if (bytes_for[static_cast<std::size_t>(it.dtype)]) it = as_bytes(std::move(it));
-      out.append(py::make_tuple(py::str(ckpt->entry(loaded.selection[i]).name), DLPackTensor(std::move(it))));
+      out.append(py::make_tuple(py::str(ckpt->entry(loaded.selection[i].ref).name), DLPackTensor(std::move(it))));
     }
     return out;
   }
@@ -267,16 +273,21 @@ struct PySource {
   ExportItem item(const std::string& name, std::optional<std::uint64_t> lo, std::optional<std::uint64_t> hi) const {
     const TensorRef* r = ckpt->find(name);
     if (!r) throw KeyNotFoundError(name);
-    const TensorEntry& e = ckpt->entry(*r);
-    std::vector<std::int64_t> shape = shape_of(e);
-    std::uint64_t first = lo.value_or(0), last = hi.value_or(shape.empty() ? 1 : e.shape[0]);
+    Pick pick{*r};
+    if (lo || hi) {
+      const TensorEntry& e = ckpt->entry(*r);
+      std::uint64_t first = lo.value_or(0), last = hi.value_or(e.shape.empty() ? 1 : e.shape[0]);
+      if (last < first) throw py::index_error("row range ends before it starts");
+      pick.first_row = first;
+      pick.rows = last - first;
+    }
     TensorSource::Rows rows;
     {
       py::gil_scoped_release release;
-      rows = source->rows(*r, first, last);
+      rows = source->get(pick);
     }
-    if (!shape.empty()) shape[0] = static_cast<std::int64_t>(last - first);
-    return ExportItem{rows.owner, rows.data, e.dtype, std::move(shape), e.dtype};
+    const Dtype d = ckpt->entry(*r).dtype;
+    return ExportItem{rows.owner, rows.data, d, signed_shape(ckpt->shape(pick)), d};
   }
 };
 
@@ -327,13 +338,26 @@ struct PyCheckpoint {
     return d;
   }
   PySelection select(const std::optional<std::vector<std::string>>& patterns) const {
-    if (!patterns) return PySelection{ckpt, ckpt->all()};
-    std::vector<TensorRef> refs;
-    {
-      py::gil_scoped_release release;
-      refs = ckpt->select(*patterns);
+    std::vector<Pick> picks;
+    py::gil_scoped_release release;
+    if (patterns) {
+      picks = ckpt->select(*patterns);
+    } else {
+      picks.reserve(ckpt->all().size());
+      for (TensorRef r : ckpt->all()) picks.push_back(Pick{r});
     }
-    return PySelection{ckpt, std::move(refs)};
+    return PySelection{ckpt, std::move(picks)};
+  }
+  // Shards: (name, first row, row count) of dimension 0 each, in the order given.
+  PySelection select_rows(const std::vector<std::tuple<std::string, std::uint64_t, std::uint64_t>>& rows) const {
+    std::vector<Pick> picks;
+    picks.reserve(rows.size());
+    for (const auto& [name, first, count] : rows) {
+      Pick p{ref(name), first, count};
+      ckpt->extent(p);  // bounds check now, with the tensor's name in the error
+      picks.push_back(p);
+    }
+    return PySelection{ckpt, std::move(picks)};
   }
 };
 
@@ -375,7 +399,7 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("data_ptr", &DLPackTensor::data_ptr);
 
   py::class_<PyLoaded>(m, "Loaded")
-      .def("to_numpy", &PyLoaded::to_numpy, py::arg("dtypes"))
+      .def("to_numpy", &PyLoaded::to_numpy, py::arg("dtypes"), py::arg("as_dict") = true)
       .def("to_dlpack", &PyLoaded::to_dlpack, py::arg("bytes_for"))
       .def_property_readonly("stats", &PyLoaded::stats)
       .def("__len__", [](const PyLoaded& l) { return l.loaded.selection.size(); });
@@ -385,24 +409,24 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("bytes_total", [](const PyPending& p) { return p.pending ? p.pending->bytes_total() : 0; });
 
   py::class_<PySelection>(m, "Selection")
-      .def("__len__", [](const PySelection& s) { return s.refs.size(); })
+      .def("__len__", [](const PySelection& s) { return s.picks.size(); })
       .def_property_readonly("nbytes", &PySelection::nbytes)
       .def("names", [](const PySelection& s) {
         py::list out;
-        for (auto r : s.refs) out.append(py::str(s.ckpt->entry(r).name));
+        for (const Pick& p : s.picks) out.append(py::str(s.ckpt->entry(p.ref).name));
         return out;
       })
       .def("split", [](const PySelection& s, std::uint64_t budget) {
         // Consecutive groups of at most `budget` bytes (a larger tensor gets a group alone).
         std::vector<PySelection> groups;
         std::uint64_t bytes = 0;
-        for (auto r : s.refs) {
-          std::uint64_t n = s.ckpt->entry(r).nbytes();
-          if (groups.empty() || (bytes + n > budget && !groups.back().refs.empty())) {
+        for (const Pick& p : s.picks) {
+          std::uint64_t n = s.ckpt->extent(p).nbytes;
+          if (groups.empty() || (bytes + n > budget && !groups.back().picks.empty())) {
             groups.push_back(PySelection{s.ckpt, {}});
             bytes = 0;
           }
-          groups.back().refs.push_back(r);
+          groups.back().picks.push_back(p);
           bytes += n;
         }
         return groups;
@@ -412,7 +436,7 @@ PYBIND11_MODULE(_core, m) {
         ReadOptions opt = read_options(backend, threads, alignment, view_alignment, allow_views);
         PyPending p{nullptr, s.ckpt};
         py::gil_scoped_release release;
-        p.pending = std::make_unique<PendingLoad>(s.ckpt, s.refs, opt);
+        p.pending = std::make_unique<PendingLoad>(s.ckpt, s.picks, opt);
         return p;
       }, py::arg("backend") = "auto", py::arg("threads") = 0, py::arg("alignment") = 64,
          py::arg("view_alignment") = 0, py::arg("allow_views") = true);
@@ -441,6 +465,7 @@ PYBIND11_MODULE(_core, m) {
         return n;
       })
       .def("select", &PyCheckpoint::select, py::arg("patterns") = py::none())
+      .def("select_rows", &PyCheckpoint::select_rows, py::arg("rows"))
       .def("source", [](const PyCheckpoint& c, const std::string& backend, std::uint64_t alignment,
                         std::uint64_t view_alignment, bool allow_views) {
         ReadOptions opt = read_options(backend, 1, alignment, view_alignment, allow_views);

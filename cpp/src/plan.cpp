@@ -54,7 +54,24 @@ const TensorRef* Checkpoint::find(std::string_view name) const {
   return i == NameTable::kEmpty ? nullptr : &all_[i];
 }
 
-std::vector<TensorRef> Checkpoint::select(const std::vector<std::string>& patterns) const {
+Extent Checkpoint::extent(const Pick& p) const {
+  const TensorEntry& e = entry(p.ref);
+  if (p.rows == kAllRows && p.first_row == 0) return Extent{absolute_offset(p.ref), e.nbytes()};
+  std::uint64_t n = e.shape.empty() ? 1 : e.shape[0];
+  if (p.first_row > n || p.rows > n - p.first_row)
+    throw Error("rows [" + std::to_string(p.first_row) + ", " + std::to_string(p.first_row + p.rows) +
+                ") are out of bounds for tensor '" + e.name + "' with " + std::to_string(n) + " rows");
+  std::uint64_t row_bytes = n ? e.nbytes() / n : 0;
+  return Extent{absolute_offset(p.ref) + p.first_row * row_bytes, p.rows * row_bytes};
+}
+
+std::vector<std::uint64_t> Checkpoint::shape(const Pick& p) const {
+  std::vector<std::uint64_t> s = entry(p.ref).shape;
+  if (p.rows != kAllRows && !s.empty()) s[0] = p.rows;
+  return s;
+}
+
+std::vector<Pick> Checkpoint::select(const std::vector<std::string>& patterns) const {
   // A pattern that is a tensor's exact name selects it, even if it holds glob characters.
   std::unordered_set<std::string> exact;
   std::vector<const std::string*> globs;
@@ -63,31 +80,31 @@ std::vector<TensorRef> Checkpoint::select(const std::vector<std::string>& patter
     else if (p.find_first_of("*?[") != std::string::npos) globs.push_back(&p);
     else throw KeyNotFoundError(p);
   }
-  std::vector<TensorRef> out;
+  std::vector<Pick> out;
   for (TensorRef r : all_) {
     const std::string& name = entry(r).name;
     bool keep = exact.count(name) > 0;
     for (std::size_t i = 0; !keep && i < globs.size(); ++i)
       keep = ::fnmatch(globs[i]->c_str(), name.c_str(), 0) == 0;
-    if (keep) out.push_back(r);
+    if (keep) out.push_back(Pick{r});
   }
   return out;
 }
 
-Placement place(const Checkpoint& ckpt, const std::vector<TensorRef>& sel, std::uint64_t alignment) {
+Placement place(const Checkpoint& ckpt, const std::vector<Pick>& sel, std::uint64_t alignment) {
   Placement p;
   p.offsets.resize(sel.size());
   std::uint64_t cursor = 0;
   for (std::size_t i = 0; i < sel.size(); ++i) {
     cursor = align_up(cursor, alignment);
     p.offsets[i] = cursor;
-    cursor += ckpt.entry(sel[i]).nbytes();
+    cursor += ckpt.extent(sel[i]).nbytes;
   }
   p.size = cursor;
   return p;
 }
 
-ReadPlan plan_reads(const Checkpoint& ckpt, const std::vector<TensorRef>& sel,
+ReadPlan plan_reads(const Checkpoint& ckpt, const std::vector<Pick>& sel,
                     const Placement& placement, std::uint64_t max_request, std::uint32_t max_pieces) {
   ReadPlan plan;
   ReadRequest* open = nullptr;  // the request still accepting adjacent pieces
@@ -96,15 +113,16 @@ ReadPlan plan_reads(const Checkpoint& ckpt, const std::vector<TensorRef>& sel,
     open = &plan.requests.back();
   };
   for (std::size_t i = 0; i < sel.size(); ++i) {
-    const TensorEntry& t = ckpt.entry(sel[i]);
-    std::uint64_t file_off = ckpt.absolute_offset(sel[i]);
+    const Extent ext = ckpt.extent(sel[i]);
+    const std::uint32_t file = sel[i].ref.file;
+    std::uint64_t file_off = ext.offset;
     std::uint64_t arena_off = placement.offsets[i];
-    std::uint64_t left = t.nbytes();
+    std::uint64_t left = ext.nbytes;
     plan.bytes += left;
     while (left > 0) {
-      bool adjacent = open && open->file == sel[i].file && open->offset + open->length == file_off;
+      bool adjacent = open && open->file == file && open->offset + open->length == file_off;
       if (!adjacent || open->length >= max_request || open->piece_count >= max_pieces)
-        start_request(sel[i].file, file_off);
+        start_request(file, file_off);
       std::uint64_t take = std::min(left, max_request - open->length);
       plan.pieces.push_back(Piece{arena_off, take});
       open->length += take;

@@ -105,7 +105,7 @@ struct PendingLoad::Files {
   std::vector<std::unique_ptr<HostArena>> bounce;       // per worker, direct backend only
 };
 
-PendingLoad::PendingLoad(std::shared_ptr<const Checkpoint> ckpt, std::vector<TensorRef> selection,
+PendingLoad::PendingLoad(std::shared_ptr<const Checkpoint> ckpt, std::vector<Pick> selection,
                          const ReadOptions& options)
     : ckpt_(std::move(ckpt)), opt_(options), files_(std::make_unique<Files>()) {
   started_ = now_seconds();
@@ -113,14 +113,14 @@ PendingLoad::PendingLoad(std::shared_ptr<const Checkpoint> ckpt, std::vector<Ten
   LoadStats& st = result_.stats;
   result_.selection = std::move(selection);
   const auto& sel = result_.selection;
-  for (TensorRef r : sel) st.bytes += ckpt_->entry(r).nbytes();
+  for (const Pick& p : sel) st.bytes += ckpt_->extent(p).nbytes;
   result_.data.assign(sel.size(), nullptr);
   result_.owner_of.assign(sel.size(), 0);
   files_->files.resize(headers.size());
   files_->maps.resize(headers.size());
 
   std::vector<bool> used(headers.size(), false);
-  for (TensorRef r : sel) used[r.file] = true;
+  for (const Pick& p : sel) used[p.ref.file] = true;
   for (std::size_t f = 0; f < headers.size(); ++f)
     if (used[f]) files_->files[f] = detail::PosixFile(headers[f].path, O_RDONLY);
 
@@ -175,23 +175,23 @@ void PendingLoad::start_views() {
   const auto& headers = ckpt_->files();
   const auto& sel = result_.selection;
   std::vector<std::uint32_t> owner_index(headers.size(), UINT32_MAX);
-  std::vector<TensorRef> copies;           // tensors whose file address is not aligned enough
+  std::vector<Pick> copies;                // tensors whose file address is not aligned enough
   std::vector<std::size_t> copy_slots;
   for (std::size_t i = 0; i < sel.size(); ++i) {
-    TensorRef r = sel[i];
+    const TensorRef r = sel[i].ref;
     if (owner_index[r.file] == UINT32_MAX) {
       files_->maps[r.file] = std::make_shared<FileMapping>(files_->files[r.file].fd(),
                                                            headers[r.file].file_size, headers[r.file].path);
       owner_index[r.file] = static_cast<std::uint32_t>(result_.owners.size());
       result_.owners.push_back(files_->maps[r.file]);
     }
-    std::byte* p = files_->maps[r.file]->data() + ckpt_->absolute_offset(r);
+    std::byte* p = files_->maps[r.file]->data() + ckpt_->extent(sel[i]).offset;
     std::uint64_t need = opt_.view_alignment ? opt_.view_alignment : dtype_align(ckpt_->entry(r).dtype);
     if (reinterpret_cast<std::uintptr_t>(p) % need == 0) {
       result_.data[i] = p;
       result_.owner_of[i] = owner_index[r.file];
     } else {
-      copies.push_back(r);
+      copies.push_back(sel[i]);
       copy_slots.push_back(i);
     }
   }

@@ -57,18 +57,11 @@ TensorSource::TensorSource(std::shared_ptr<const Checkpoint> ckpt, const ReadOpt
 
 TensorSource::~TensorSource() = default;
 
-TensorSource::Rows TensorSource::rows(TensorRef ref, std::uint64_t lo, std::uint64_t hi) const {
+TensorSource::Rows TensorSource::get(const Pick& pick) const {
+  const TensorRef ref = pick.ref;
   const TensorEntry& e = ckpt_->entry(ref);
-  std::uint64_t begin = 0, len = e.nbytes();
-  if (!e.shape.empty()) {
-    std::uint64_t n = e.shape[0];
-    if (lo > hi || hi > n) throw Error("rows [" + std::to_string(lo) + ", " + std::to_string(hi) +
-                                       ") out of bounds for tensor '" + e.name + "'");
-    std::uint64_t row_bytes = n ? e.nbytes() / n : 0;
-    begin = lo * row_bytes;
-    len = (hi - lo) * row_bytes;
-  }
-  std::uint64_t offset = ckpt_->absolute_offset(ref) + begin;
+  const Extent ext = ckpt_->extent(pick);
+  const std::uint64_t offset = ext.offset, len = ext.nbytes;
   if (backend_ == Backend::Mmap) {
     const auto& map = state_->maps[ref.file];
     std::byte* p = map->data() + offset;

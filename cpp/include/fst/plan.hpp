@@ -17,6 +17,22 @@ struct TensorRef {
   std::uint32_t index;  // into files[file].tensors
 };
 
+inline constexpr std::uint64_t kAllRows = UINT64_MAX;
+
+// What one load delivers of a tensor: all of it, or rows [first_row, first_row + rows) of its
+// dimension 0 (a shard), which are contiguous bytes in the file.
+struct Pick {
+  TensorRef ref;
+  std::uint64_t first_row = 0;
+  std::uint64_t rows = kAllRows;
+};
+
+// Where a pick's bytes are: absolute file offset and length.
+struct Extent {
+  std::uint64_t offset;
+  std::uint64_t nbytes;
+};
+
 class Checkpoint {
  public:
   // Parses every header (in parallel over files) and refuses a name present in two files.
@@ -34,8 +50,12 @@ class Checkpoint {
   // Tensors whose name equals one of `patterns` or matches it as a glob (*, ?, [...]),
   // in file order. A pattern without glob characters that names no tensor is an error
   // (KeyError in Python); a glob may match nothing.
-  std::vector<TensorRef> select(const std::vector<std::string>& patterns) const;
+  std::vector<Pick> select(const std::vector<std::string>& patterns) const;
   std::uint64_t absolute_offset(TensorRef r) const { return files_[r.file].data_start() + entry(r).begin; }
+  // Checks the row range (throws Error when out of bounds) and locates its bytes.
+  Extent extent(const Pick& p) const;
+  // The pick's shape: the tensor's, with dimension 0 cut to the rows picked.
+  std::vector<std::uint64_t> shape(const Pick& p) const;
 
  private:
   std::vector<FileHeader> files_;
@@ -53,7 +73,7 @@ struct Placement {
   std::vector<std::uint64_t> offsets;  // parallel to the selection
   std::uint64_t size = 0;
 };
-Placement place(const Checkpoint& ckpt, const std::vector<TensorRef>& sel, std::uint64_t alignment);
+Placement place(const Checkpoint& ckpt, const std::vector<Pick>& sel, std::uint64_t alignment);
 
 // One contiguous range of one file, scattered into consecutive pieces of the arena.
 struct Piece {
@@ -74,7 +94,7 @@ struct ReadPlan {
 };
 // Merges tensors that are adjacent in a file into requests of at most `max_request` bytes
 // and `max_pieces` pieces; a tensor larger than `max_request` is split across requests.
-ReadPlan plan_reads(const Checkpoint& ckpt, const std::vector<TensorRef>& sel,
+ReadPlan plan_reads(const Checkpoint& ckpt, const std::vector<Pick>& sel,
                     const Placement& placement, std::uint64_t max_request, std::uint32_t max_pieces);
 
 }  // namespace fst

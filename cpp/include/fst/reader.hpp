@@ -42,7 +42,7 @@ struct LoadStats {
 
 // Tensors of one load: data[i] is where selection[i] lives, kept alive by owners[owner_of[i]].
 struct LoadedTensors {
-  std::vector<TensorRef> selection;
+  std::vector<Pick> selection;
   std::vector<std::byte*> data;
   std::vector<std::uint32_t> owner_of;
   std::vector<std::shared_ptr<Buffer>> owners;
@@ -52,7 +52,7 @@ struct LoadedTensors {
 // A load in flight. wait() drives it to the end on the calling thread.
 class PendingLoad {
  public:
-  PendingLoad(std::shared_ptr<const Checkpoint> ckpt, std::vector<TensorRef> selection,
+  PendingLoad(std::shared_ptr<const Checkpoint> ckpt, std::vector<Pick> selection,
               const ReadOptions& options);
   ~PendingLoad();
   PendingLoad(const PendingLoad&) = delete;

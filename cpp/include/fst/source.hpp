@@ -23,8 +23,7 @@ class TensorSource {
     std::shared_ptr<const Buffer> owner;
     std::byte* data;
   };
-  // Rows [lo, hi) of dimension 0 (for a 0-d tensor: lo = 0, hi = 1 means the whole tensor).
-  Rows rows(TensorRef ref, std::uint64_t lo, std::uint64_t hi) const;
+  Rows get(const Pick& pick) const;
   Backend backend() const noexcept { return backend_; }
   const std::string& reason() const noexcept { return reason_; }
 
