@@ -54,6 +54,23 @@ def _record(stats: dict[str, Any], adapter_name: str) -> None:
     _local.stats = stats
 
 
+def _distributed_or_sharded(adapter, process_group, shard, sharding, mesh, replicate_rest):
+    """The planner for a multi-rank torch load or a sharded JAX load, or None for a plain load."""
+    if sharding is not None or mesh is not None or replicate_rest:
+        if adapter.name != "jax":
+            raise ValueError("sharding=, mesh= and replicate_rest= are for framework='jax'")
+        from .jax import ShardedLoad
+
+        return ShardedLoad(sharding=sharding, mesh=mesh, replicate_rest=replicate_rest)
+    if adapter.name == "torch":
+        from .distributed import distributed_load_for
+
+        return distributed_load_for(process_group, shard)
+    if process_group is not None or shard is not None:
+        raise ValueError("process_group= and shard= are for framework='torch'")
+    return None
+
+
 def load(
     path: PathArg,
     *,
@@ -63,6 +80,11 @@ def load(
     backend: Optional[str] = None,
     threads: Optional[int] = None,
     progress: bool = False,
+    process_group: Any = None,
+    shard: Any = None,
+    sharding: Any = None,
+    mesh: Any = None,
+    replicate_rest: bool = False,
 ) -> dict[str, Any]:
     """Load the tensors of a safetensors checkpoint.
 
@@ -72,10 +94,18 @@ def load(
     backend: "auto" (default, or $FST_BACKEND), "pread", "direct" or "mmap".
     threads: I/O threads (default: $FST_THREADS, else the usable CPUs).
     progress: show a progress bar on a terminal.
+    process_group, shard (torch): load across the ranks of a torch.distributed group, each
+      byte read once; `shard` maps name patterns to the dimension to split (see fst.distributed).
+    sharding, mesh, replicate_rest (jax): build sharded jax.Arrays, each process reading only
+      what its devices hold (see fst.jax).
     Returns a dict of name -> tensor in file order. Tensors own their memory.
     """
     adapter = get_adapter(framework)
     adapter.check_device(device)
+    special = _distributed_or_sharded(adapter, process_group, shard, sharding, mesh, replicate_rest)
+    if special is not None:
+        return special.load(path, device=device, keys=_patterns(keys), backend=_backend(backend),
+                            threads=_threads(threads), progress=progress)
     ckpt = open_checkpoint(path, threads)
     selection = ckpt.select(_patterns(keys))
     pending = selection.start(
@@ -100,6 +130,11 @@ def iter_tensors(
     threads: Optional[int] = None,
     progress: bool = False,
     budget: Optional[int] = None,
+    process_group: Any = None,
+    shard: Any = None,
+    sharding: Any = None,
+    mesh: Any = None,
+    replicate_rest: bool = False,
 ) -> Iterator[tuple[str, Any]]:
     """Yield (name, tensor) in file order, reading groups of at most `budget` bytes.
 
@@ -113,6 +148,10 @@ def iter_tensors(
         budget = int(os.environ.get("FST_STAGING_BUDGET", DEFAULT_BUDGET))
     if budget <= 0:
         raise ValueError(f"budget must be positive, not {budget}")
+    special = _distributed_or_sharded(adapter, process_group, shard, sharding, mesh, replicate_rest)
+    if special is not None:
+        return special.iter_tensors(path, device=device, keys=_patterns(keys), backend=_backend(backend),
+                                    threads=_threads(threads), progress=progress, budget=budget)
     ckpt = open_checkpoint(path, threads)
     selection = ckpt.select(_patterns(keys))
     groups = selection.split(budget)
