@@ -3,7 +3,7 @@
     import fst
     tensors = fst.load("model.safetensors", framework="torch")
 
-``import fst`` imports neither torch nor jax; ``fst.torch`` is loaded on first use.
+``import fst`` imports neither torch nor jax; ``fst.torch`` and ``fst.jax`` load on first use.
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name == "torch":
+    # fst.torch and fst.jax import their framework: loaded on first use only.
+    if name in ("torch", "jax", "distributed"):
         import importlib
 
-        return importlib.import_module(".torch", __name__)
+        return importlib.import_module("." + name, __name__)
     raise AttributeError(f"module 'fst' has no attribute {name!r}")
