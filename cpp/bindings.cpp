@@ -17,6 +17,7 @@
 #include "fst/plan.hpp"
 #include "fst/reader.hpp"
 #include "fst/source.hpp"
+#include "fst/staging.hpp"
 
 namespace py = pybind11;
 using namespace fst;
@@ -66,6 +67,7 @@ struct ExportItem {
   Dtype dtype;
   std::vector<std::int64_t> shape;
   Dtype format_dtype;  // the tensor's dtype in the file; `dtype` differs once exported as bytes
+  ExportDevice device{};
 };
 
 std::vector<std::int64_t> signed_shape(const std::vector<std::uint64_t>& shape) {
@@ -76,10 +78,10 @@ std::vector<std::int64_t> signed_shape(const std::vector<std::uint64_t>& shape) 
 // framework's from_dlpack can take it without a copy.
 class DLPackTensor {
  public:
-  explicit DLPackTensor(ExportItem item) : item_(std::move(item)) {}
+  explicit DLPackTensor(ExportItem item) : item_(std::move(item)), device_(item_.device) {}
 
   py::capsule dlpack(py::object stream, py::object max_version, py::object dl_device, py::object copy) {
-    (void)stream;
+    (void)stream;  // device data is complete before export: wait() synchronised every copy
     if (!copy.is_none() && copy.cast<bool>())
       throw py::value_error("fst tensors are exported without copies (copy=True is not supported)");
     if (!dl_device.is_none()) {
@@ -173,11 +175,13 @@ struct PyLoaded {
   ExportItem item(std::size_t i) const {
     const Pick& p = loaded.selection[i];
     const Dtype d = ckpt->entry(p.ref).dtype;
-    return ExportItem{loaded.owners[loaded.owner_of[i]], loaded.data[i], d, signed_shape(ckpt->shape(p)), d};
+    return ExportItem{loaded.owners[loaded.owner_of[i]], loaded.data[i], d, signed_shape(ckpt->shape(p)), d,
+                      loaded.device};
   }
   // name -> array, or (with as_dict=false) arrays in selection order: a selection of
   // shards may hold one tensor several times.
   py::object to_numpy(const py::list& dtypes, bool as_dict) const {
+    if (loaded.device.type != ExportDevice::kCPU) throw UnsupportedError("numpy arrays need host memory");
     py::dict out;
     py::list seq;
     std::vector<py::object> bases(loaded.owners.size());
@@ -217,7 +221,7 @@ struct PyLoaded {
 };
 
 struct PyPending {
-  std::unique_ptr<PendingLoad> pending;
+  std::unique_ptr<AsyncLoad> pending;
   std::shared_ptr<const Checkpoint> ckpt;
 
   PyLoaded wait(py::object progress) {
@@ -439,7 +443,28 @@ PYBIND11_MODULE(_core, m) {
         p.pending = std::make_unique<PendingLoad>(s.ckpt, s.picks, opt);
         return p;
       }, py::arg("backend") = "auto", py::arg("threads") = 0, py::arg("alignment") = 64,
-         py::arg("view_alignment") = 0, py::arg("allow_views") = true);
+         py::arg("view_alignment") = 0, py::arg("allow_views") = true)
+      // Through pinned staging buffers into device memory (device >= 0), or into host memory
+      // with a host copy engine (device = -1: the same pipeline, checkable without a GPU).
+      .def("start_staged", [](const PySelection& s, int device, const std::string& backend, unsigned threads,
+                              std::uint64_t alignment, std::uint64_t budget, std::uint64_t buffer_bytes,
+                              unsigned host_copy_delay_us) {
+        StagingOptions opt;
+        opt.backend = backend_from_name(backend);
+        opt.threads = threads;
+        opt.alignment = alignment;
+        opt.budget = budget;
+        opt.buffer_bytes = buffer_bytes;
+        StagedLoad::SinkFactory factory = [=](std::uint64_t bytes) {
+          return device < 0 ? make_host_sink(bytes, alignment, host_copy_delay_us) : make_cuda_sink(device, bytes);
+        };
+        PyPending p{nullptr, s.ckpt};
+        py::gil_scoped_release release;
+        p.pending = std::make_unique<StagedLoad>(s.ckpt, s.picks, opt, factory);
+        return p;
+      }, py::arg("device"), py::arg("backend") = "pread", py::arg("threads") = 0, py::arg("alignment") = 256,
+         py::arg("budget") = 128u << 20, py::arg("buffer_bytes") = 16u << 20,
+         py::arg("host_copy_delay_us") = 0);
 
   py::class_<PyCheckpoint>(m, "Checkpoint")
       .def(py::init([](const std::vector<std::string>& paths, unsigned threads) {

@@ -52,11 +52,32 @@ void PosixFile::read_exact(void* dst, std::uint64_t n, std::uint64_t offset) con
       if (errno == EINTR) continue;
       throw IoError(errno, "read", path_);
     }
-    if (got == 0) throw Error("'" + path_ + "': the file is shorter than its header says (it shrank while being read?)");
+    if (got == 0) throw_shrank(path_);
     p += got;
     n -= static_cast<std::uint64_t>(got);
     offset += static_cast<std::uint64_t>(got);
   }
+}
+
+const std::byte* PosixFile::read_direct(std::byte* buffer, std::uint64_t n, std::uint64_t offset) const {
+  const std::uint64_t first = offset / kDirectAlign * kDirectAlign;
+  const std::uint64_t last = (offset + n + kDirectAlign - 1) / kDirectAlign * kDirectAlign;
+  const std::uint64_t need = offset + n - first;  // the file may end before `last`
+  std::uint64_t have = 0;
+  while (have < need) {
+    ssize_t got = ::pread(fd_, buffer + have, last - first - have, static_cast<off_t>(first + have));
+    if (got < 0) {
+      if (errno == EINTR) continue;
+      throw IoError(errno, "read (O_DIRECT)", path_);
+    }
+    if (got == 0) throw_shrank(path_);
+    have += static_cast<std::uint64_t>(got);
+  }
+  return buffer + (offset - first);
+}
+
+void throw_shrank(const std::string& path) {
+  throw Error("'" + path + "': the file is shorter than its header says (it shrank while being read?)");
 }
 
 }  // namespace fst::detail

@@ -6,27 +6,17 @@
 
 #include <algorithm>
 #include <cerrno>
-#include <chrono>
 #include <climits>
 #include <cstring>
 #include <stdexcept>
 
+#include "detail/clock.hpp"
 #include "detail/posix_file.hpp"
 #include "fst/errors.hpp"
 
 namespace fst {
 
 namespace {
-
-constexpr std::uint64_t kDirectAlign = 4096;  // O_DIRECT offset, length and address unit
-
-double now_seconds() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-
-[[noreturn]] void throw_shrank(const std::string& path) {
-  throw Error("'" + path + "': the file is shorter than its header says (it shrank while being read?)");
-}
 
 // preadv of one request straight into its arena pieces, resuming after partial reads.
 void read_scattered(int fd, const std::string& path, const ReadRequest& req, const Piece* pieces,
@@ -47,7 +37,7 @@ void read_scattered(int fd, const std::string& path, const ReadRequest& req, con
       if (errno == EINTR) continue;
       throw IoError(errno, "read", path);
     }
-    if (got == 0) throw_shrank(path);
+    if (got == 0) detail::throw_shrank(path);
     offset += static_cast<std::uint64_t>(got);
     std::uint64_t left = static_cast<std::uint64_t>(got) + piece_done;
     while (next < req.piece_count && left >= pieces[next].length) {
@@ -108,7 +98,7 @@ struct PendingLoad::Files {
 PendingLoad::PendingLoad(std::shared_ptr<const Checkpoint> ckpt, std::vector<Pick> selection,
                          const ReadOptions& options)
     : ckpt_(std::move(ckpt)), opt_(options), files_(std::make_unique<Files>()) {
-  started_ = now_seconds();
+  started_ = detail::now_seconds();
   const auto& headers = ckpt_->files();
   LoadStats& st = result_.stats;
   result_.selection = std::move(selection);
@@ -257,26 +247,13 @@ void PendingLoad::start_reads(bool direct) {
   for (std::size_t f = 0; f < headers.size(); ++f)
     if (direct_files[f].valid()) files_->files[f] = std::move(direct_files[f]);
   files_->bounce.resize(pool_->size());
-  const std::uint64_t bounce_size = opt_.max_request + 2 * kDirectAlign;
+  const std::uint64_t bounce_size = opt_.max_request + 2 * detail::kDirectAlign;
   for (const ReadRequest& req : plan_.requests) {
     pool_->submit(group_, [this, &req, base, bounce_size](unsigned worker) {
       auto& bounce = files_->bounce[worker];
-      if (!bounce) bounce = std::make_unique<HostArena>(bounce_size, kDirectAlign);
+      if (!bounce) bounce = std::make_unique<HostArena>(bounce_size, detail::kDirectAlign);
       const auto& file = files_->files[req.file];
-      std::uint64_t first = req.offset / kDirectAlign * kDirectAlign;
-      std::uint64_t last = align_up(req.offset + req.length, kDirectAlign);
-      std::uint64_t want = last - first, have = 0;
-      std::uint64_t need = req.offset + req.length - first;  // the file may end before `last`
-      while (have < need) {
-        ssize_t got = ::pread(file.fd(), bounce->data() + have, want - have, static_cast<off_t>(first + have));
-        if (got < 0) {
-          if (errno == EINTR) continue;
-          throw IoError(errno, "read (O_DIRECT)", file.path());
-        }
-        if (got == 0) throw_shrank(file.path());
-        have += static_cast<std::uint64_t>(got);
-      }
-      const std::byte* src = bounce->data() + (req.offset - first);
+      const std::byte* src = file.read_direct(bounce->data(), req.length, req.offset);
       const Piece* pieces = plan_.pieces.data() + req.first_piece;
       for (std::uint32_t k = 0; k < req.piece_count; ++k) {
         std::memcpy(base + pieces[k].arena_offset, src, pieces[k].length);
@@ -300,7 +277,7 @@ LoadedTensors PendingLoad::wait(const std::function<bool()>& tick, int tick_ms) 
   group_.rethrow();
   pool_.reset();
   files_.reset();  // close descriptors now; mappings stay alive through the owners
-  result_.stats.seconds = now_seconds() - started_;
+  result_.stats.seconds = detail::now_seconds() - started_;
   return std::move(result_);
 }
 

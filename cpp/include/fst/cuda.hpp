@@ -2,6 +2,8 @@
 // CUDA, it opens the driver (libcuda.so.1) and cuFile (libcufile.so.0) with dlopen.
 #pragma once
 
+#include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -21,5 +23,11 @@ struct CufileInfo {
   std::string library;  // the path or soname that loaded
 };
 CufileInfo cufile_info();
+
+class StagingSink;
+// A staging sink whose destination is a new arena of `arena_bytes` on CUDA device `device`
+// (its primary context, shared with torch and JAX). Throws CudaError when CUDA is unavailable
+// or the device is out of memory.
+std::unique_ptr<StagingSink> make_cuda_sink(int device, std::uint64_t arena_bytes);
 
 }  // namespace fst

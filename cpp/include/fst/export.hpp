@@ -11,7 +11,8 @@
 namespace fst {
 
 struct ExportDevice {
-  std::int32_t type = 1;  // DLPack device type (1: CPU, 2: CUDA)
+  static constexpr std::int32_t kCPU = 1, kCUDA = 2;  // DLPack device types
+  std::int32_t type = kCPU;
   std::int32_t id = 0;
 };
 

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "fst/buffer.hpp"
+#include "fst/export.hpp"
 #include "fst/plan.hpp"
 #include "fst/thread_pool.hpp"
 
@@ -46,11 +47,23 @@ struct LoadedTensors {
   std::vector<std::byte*> data;
   std::vector<std::uint32_t> owner_of;
   std::vector<std::shared_ptr<Buffer>> owners;
+  ExportDevice device;  // where data[] points: host memory unless a device load
   LoadStats stats;
 };
 
-// A load in flight. wait() drives it to the end on the calling thread.
-class PendingLoad {
+// A load in flight (host or device). wait() drives it to the end on the calling thread:
+// it calls `tick` every `tick_ms` meanwhile; `tick` returns false to cancel (the load then
+// stops early and wait() throws after the workers are idle). wait() throws the first error.
+class AsyncLoad {
+ public:
+  virtual ~AsyncLoad() = default;
+  virtual LoadedTensors wait(const std::function<bool()>& tick, int tick_ms = 100) = 0;
+  virtual std::uint64_t bytes_done() const noexcept = 0;
+  virtual std::uint64_t bytes_total() const noexcept = 0;
+};
+
+// A load into host memory through one of the CPU backends.
+class PendingLoad final : public AsyncLoad {
  public:
   PendingLoad(std::shared_ptr<const Checkpoint> ckpt, std::vector<Pick> selection,
               const ReadOptions& options);
@@ -58,13 +71,9 @@ class PendingLoad {
   PendingLoad(const PendingLoad&) = delete;
   PendingLoad& operator=(const PendingLoad&) = delete;
 
-  // Waits for the reads, calling `tick` every `tick_ms` meanwhile; `tick` returns false to
-  // cancel (the load then stops early and wait() returns after the workers are idle). Throws
-  // the first read error.
-  LoadedTensors wait(const std::function<bool()>& tick, int tick_ms = 100);
-  std::uint64_t bytes_done() const noexcept { return done_.load(std::memory_order_relaxed); }
-  std::uint64_t bytes_total() const noexcept { return result_.stats.bytes; }
-  void cancel() noexcept { group_.cancel(); }
+  LoadedTensors wait(const std::function<bool()>& tick, int tick_ms = 100) override;
+  std::uint64_t bytes_done() const noexcept override { return done_.load(std::memory_order_relaxed); }
+  std::uint64_t bytes_total() const noexcept override { return result_.stats.bytes; }
 
  private:
   void start_views();

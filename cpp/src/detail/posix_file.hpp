@@ -5,10 +5,15 @@
 #include <fcntl.h>
 #include <sys/types.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
 
 namespace fst::detail {
+
+inline constexpr std::uint64_t kDirectAlign = 4096;  // O_DIRECT offset, length and address unit
+
+[[noreturn]] void throw_shrank(const std::string& path);
 
 class PosixFile {
  public:
@@ -27,8 +32,12 @@ class PosixFile {
   bool valid() const noexcept { return fd_ >= 0; }
   const std::string& path() const noexcept { return path_; }
   std::uint64_t size() const;
-  // Reads exactly `n` bytes at `offset`; a short read means the file shrank: IoError.
+  // Reads exactly `n` bytes at `offset`; a short read means the file shrank: fst::Error.
   void read_exact(void* dst, std::uint64_t n, std::uint64_t offset) const;
+  // For a file opened with O_DIRECT: reads the aligned blocks covering [offset, offset + n)
+  // into `buffer` (kDirectAlign-aligned, at least n + 2 * kDirectAlign bytes) and returns
+  // where byte `offset` landed in it.
+  const std::byte* read_direct(std::byte* buffer, std::uint64_t n, std::uint64_t offset) const;
 
  private:
   int fd_ = -1;

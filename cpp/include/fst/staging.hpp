@@ -1,0 +1,102 @@
+// Stage: the path to device memory. Reads land in a ring of pinned host buffers; each filled
+// buffer is copied to the device asynchronously on its own lane (a CUDA stream) while the
+// threads read the next requests into the other buffers. Pinned memory stays within a fixed
+// budget whatever the checkpoint size, and pageable memory is never on the way to the device.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "fst/buffer.hpp"
+#include "fst/plan.hpp"
+#include "fst/reader.hpp"
+#include "fst/thread_pool.hpp"
+
+namespace fst {
+
+// Where staged bytes go. The CUDA implementation copies with cuMemcpyHtoDAsync on one stream
+// per lane; the host implementation (tests) copies on a thread of its own, so both exercise the
+// rule that a staging buffer is reused only after its copies have finished.
+class StagingSink {
+ public:
+  virtual ~StagingSink() = default;
+  // Pinned (page-aligned) host memory for one staging buffer, owned by the sink.
+  virtual std::byte* staging_buffer(unsigned lane, std::size_t bytes) = 0;
+  // Queues a copy of `bytes` from `src` (inside lane's staging buffer) to `dst_offset` in the
+  // destination arena, on `lane`.
+  virtual void copy_async(unsigned lane, std::uint64_t dst_offset, const std::byte* src, std::uint64_t bytes) = 0;
+  // Returns once every copy queued on `lane` so far has finished.
+  virtual void wait(unsigned lane) = 0;
+  // Called on a reading thread before each request (CUDA: make the device's context current).
+  virtual void bind_thread() {}
+  virtual std::shared_ptr<Buffer> destination() = 0;
+  virtual ExportDevice device() const { return ExportDevice{}; }
+};
+
+struct StagingOptions {
+  Backend backend = Backend::Pread;    // Pread or Direct (O_DIRECT into the pinned buffers)
+  unsigned threads = 0;
+  std::uint64_t buffer_bytes = 16u << 20;  // one staging buffer (= the largest read request)
+  std::uint64_t budget = 128u << 20;       // all staging buffers together
+  std::uint64_t alignment = 256;           // of every tensor slot in the destination
+};
+
+// How many buffers a budget buys (at least 2 so that reading and copying overlap).
+unsigned staging_buffer_count(const StagingOptions& opt) noexcept;
+
+// A load through staging buffers into one destination arena that `sink` owns. Runs on a thread
+// pool; wait() drives it to the end on the calling thread.
+class StagedLoad final : public AsyncLoad {
+ public:
+  using SinkFactory = std::function<std::unique_ptr<StagingSink>(std::uint64_t arena_bytes)>;
+  StagedLoad(std::shared_ptr<const Checkpoint> ckpt, std::vector<Pick> selection,
+             const StagingOptions& options, const SinkFactory& make_sink);
+  ~StagedLoad();
+  StagedLoad(const StagedLoad&) = delete;
+  StagedLoad& operator=(const StagedLoad&) = delete;
+
+  LoadedTensors wait(const std::function<bool()>& tick, int tick_ms = 100) override;
+  std::uint64_t bytes_done() const noexcept override { return done_.load(std::memory_order_relaxed); }
+  std::uint64_t bytes_total() const noexcept override { return result_.stats.bytes; }
+  // The largest number of staging buffers that were ever filled or in flight at once.
+  unsigned peak_buffers_in_use() const noexcept { return peak_in_use_; }
+
+ private:
+  unsigned acquire_buffer();
+  void release_buffer(unsigned lane);
+  void run_request(const ReadRequest& req);
+
+  std::shared_ptr<const Checkpoint> ckpt_;
+  StagingOptions opt_;
+  LoadedTensors result_;
+  ReadPlan plan_;
+  std::unique_ptr<StagingSink> sink_;
+  std::vector<int> fds_;
+  struct Files;
+  std::unique_ptr<Files> files_;
+  std::vector<std::byte*> buffers_;
+  std::mutex ring_mu_;
+  std::condition_variable ring_cv_;
+  std::vector<bool> busy_;         // a thread is filling the buffer
+  std::vector<bool> in_flight_;    // its copies may still be running: wait(lane) before reuse
+  unsigned in_use_ = 0, peak_in_use_ = 0;
+  std::unique_ptr<ThreadPool> pool_;
+  TaskGroup group_;
+  std::atomic<std::uint64_t> done_{0};
+  double started_ = 0;
+  bool finished_ = false;
+};
+
+// The sink for checking the pipeline without a GPU: the destination is host memory and copies
+// run on a background thread, in order, each started `copy_delay_us` late (a slow copy engine
+// makes any reuse of a buffer before its copies end show up as wrong bytes).
+std::unique_ptr<StagingSink> make_host_sink(std::uint64_t arena_bytes, std::uint64_t alignment,
+                                            unsigned copy_delay_us = 0);
+
+}  // namespace fst

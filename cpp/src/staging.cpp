@@ -1,0 +1,263 @@
+#include "fst/staging.hpp"
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <deque>
+#include <chrono>
+#include <thread>
+
+#include "detail/clock.hpp"
+#include "detail/posix_file.hpp"
+#include "fst/errors.hpp"
+
+namespace fst {
+
+unsigned staging_buffer_count(const StagingOptions& opt) noexcept {
+  std::uint64_t n = opt.buffer_bytes ? opt.budget / opt.buffer_bytes : 0;
+  return static_cast<unsigned>(std::clamp<std::uint64_t>(n, 2, 1024));
+}
+
+struct StagedLoad::Files {
+  std::vector<detail::PosixFile> files;
+};
+
+StagedLoad::StagedLoad(std::shared_ptr<const Checkpoint> ckpt, std::vector<Pick> selection,
+                       const StagingOptions& options, const SinkFactory& make_sink)
+    : ckpt_(std::move(ckpt)), opt_(options), files_(std::make_unique<Files>()) {
+  started_ = detail::now_seconds();
+  if (opt_.backend != Backend::Pread && opt_.backend != Backend::Direct)
+    throw UnsupportedError(std::string("backend '") + backend_name(opt_.backend) +
+                           "' cannot feed device memory (use pread or direct)");
+  if (opt_.buffer_bytes < detail::kDirectAlign || opt_.buffer_bytes % detail::kDirectAlign)
+    throw std::invalid_argument("staging buffers must be a multiple of 4096 bytes");
+  const auto& headers = ckpt_->files();
+  result_.selection = std::move(selection);
+  const auto& sel = result_.selection;
+  LoadStats& st = result_.stats;
+  st.backend = opt_.backend;
+  for (const Pick& p : sel) st.bytes += ckpt_->extent(p).nbytes;
+
+  // Open each file the selection touches (O_DIRECT for the direct backend).
+  files_->files.resize(headers.size());
+  const int flags = O_RDONLY | (opt_.backend == Backend::Direct ? O_DIRECT : 0);
+  for (const Pick& p : sel) {
+    auto& f = files_->files[p.ref.file];
+    if (f.valid()) continue;
+    int err = 0;
+    f = detail::PosixFile::try_open(headers[p.ref.file].path, flags, err);
+    if (!f.valid()) {
+      if (opt_.backend == Backend::Direct && err == EINVAL)
+        throw UnsupportedError("backend 'direct': O_DIRECT open of '" + headers[p.ref.file].path +
+                               "' failed: " + std::strerror(err));
+      throw IoError(err, "open", headers[p.ref.file].path);
+    }
+  }
+
+  Placement placement = place(*ckpt_, sel, opt_.alignment);
+  sink_ = make_sink(placement.size);
+  result_.device = sink_->device();
+  auto dest = sink_->destination();
+  result_.owners.push_back(dest);
+  result_.data.resize(sel.size());
+  result_.owner_of.assign(sel.size(), 0);
+  for (std::size_t i = 0; i < sel.size(); ++i) result_.data[i] = dest->data() + placement.offsets[i];
+  plan_ = plan_reads(*ckpt_, sel, placement, opt_.buffer_bytes, UINT32_MAX);
+  st.bytes_read = plan_.bytes;
+  st.requests = plan_.requests.size();
+
+  const unsigned count = std::min<unsigned>(staging_buffer_count(opt_),
+                                            std::max<std::size_t>(plan_.requests.size(), 1));
+  const std::size_t buffer_size = opt_.buffer_bytes + 2 * detail::kDirectAlign;
+  for (unsigned lane = 0; lane < count; ++lane) buffers_.push_back(sink_->staging_buffer(lane, buffer_size));
+  busy_.assign(count, false);
+  in_flight_.assign(count, false);
+  st.reason = std::to_string(count) + " pinned staging buffers of " +
+              std::to_string(opt_.buffer_bytes >> 20) + " MiB";
+
+  // More threads than buffers would only wait for buffers.
+  unsigned threads = opt_.threads ? opt_.threads : ThreadPool::default_threads();
+  pool_ = std::make_unique<ThreadPool>(std::min(threads, count));
+  st.threads = pool_->size();
+  for (const ReadRequest& req : plan_.requests)
+    pool_->submit(group_, [this, &req](unsigned) { run_request(req); });
+}
+
+StagedLoad::~StagedLoad() {
+  if (!finished_) {
+    group_.cancel();
+    group_.wait_for(-1);
+  }
+  pool_.reset();
+  // Copies still queued read from the staging buffers: let them finish before the sink goes.
+  if (sink_)
+    for (unsigned lane = 0; lane < in_flight_.size(); ++lane)
+      if (in_flight_[lane]) sink_->wait(lane);
+}
+
+unsigned StagedLoad::acquire_buffer() {
+  unsigned lane = 0;
+  bool must_wait = false;
+  {
+    std::unique_lock<std::mutex> lock(ring_mu_);
+    ring_cv_.wait(lock, [&] { return in_use_ < busy_.size(); });
+    // Prefer a buffer whose copies are known to be done over one that may still be copying.
+    lane = UINT32_MAX;
+    for (unsigned i = 0; i < busy_.size(); ++i) {
+      if (busy_[i]) continue;
+      if (!in_flight_[i]) {
+        lane = i;
+        break;
+      }
+      if (lane == UINT32_MAX) lane = i;
+    }
+    busy_[lane] = true;
+    must_wait = in_flight_[lane];
+    in_flight_[lane] = false;
+    peak_in_use_ = std::max(peak_in_use_, ++in_use_);
+  }
+  if (must_wait) sink_->wait(lane);
+  return lane;
+}
+
+void StagedLoad::release_buffer(unsigned lane) {
+  {
+    std::lock_guard<std::mutex> lock(ring_mu_);
+    busy_[lane] = false;
+    in_flight_[lane] = true;
+    --in_use_;
+  }
+  ring_cv_.notify_one();
+}
+
+void StagedLoad::run_request(const ReadRequest& req) {
+  sink_->bind_thread();
+  const unsigned lane = acquire_buffer();
+  try {
+    const auto& file = files_->files[req.file];
+    const std::byte* src;
+    if (opt_.backend == Backend::Direct) {
+      src = file.read_direct(buffers_[lane], req.length, req.offset);
+    } else {
+      file.read_exact(buffers_[lane], req.length, req.offset);
+      src = buffers_[lane];
+    }
+    const Piece* pieces = plan_.pieces.data() + req.first_piece;
+    for (std::uint32_t k = 0; k < req.piece_count; ++k) {
+      sink_->copy_async(lane, pieces[k].arena_offset, src, pieces[k].length);
+      src += pieces[k].length;
+    }
+  } catch (...) {
+    release_buffer(lane);
+    throw;
+  }
+  release_buffer(lane);
+  done_.fetch_add(req.length, std::memory_order_relaxed);
+}
+
+LoadedTensors StagedLoad::wait(const std::function<bool()>& tick, int tick_ms) {
+  while (!group_.wait_for(tick ? tick_ms : -1)) {
+    if (!tick()) {
+      group_.cancel();
+      group_.wait_for(-1);
+      finished_ = true;
+      throw Error("load cancelled");
+    }
+  }
+  finished_ = true;
+  group_.rethrow();
+  pool_.reset();
+  for (unsigned lane = 0; lane < in_flight_.size(); ++lane)
+    if (in_flight_[lane]) {
+      sink_->wait(lane);
+      in_flight_[lane] = false;
+    }
+  files_.reset();
+  sink_.reset();  // frees the staging buffers; the destination lives on in result_.owners
+  result_.stats.seconds = detail::now_seconds() - started_;
+  return std::move(result_);
+}
+
+// ---------------------------------------------------------------- host sink ------------
+
+namespace {
+
+class HostSink final : public StagingSink {
+ public:
+  HostSink(std::uint64_t arena_bytes, std::uint64_t alignment, unsigned copy_delay_us)
+      : dest_(std::make_shared<HostArena>(arena_bytes, alignment)), delay_us_(copy_delay_us),
+        worker_([this] { run(); }) {}
+  ~HostSink() override {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stopping_ = true;
+    }
+    cv_.notify_all();
+    worker_.join();
+  }
+
+  std::byte* staging_buffer(unsigned lane, std::size_t bytes) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (lanes_.size() <= lane) lanes_.resize(lane + 1);
+    lanes_[lane].buffer = std::make_unique<HostArena>(bytes, detail::kDirectAlign);
+    return lanes_[lane].buffer->data();
+  }
+  void copy_async(unsigned lane, std::uint64_t dst_offset, const std::byte* src, std::uint64_t bytes) override {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      queue_.push_back(Copy{lane, dest_->data() + dst_offset, src, bytes});
+      ++lanes_[lane].queued;
+    }
+    cv_.notify_all();
+  }
+  void wait(unsigned lane) override {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return lanes_[lane].done == lanes_[lane].queued; });
+  }
+  std::shared_ptr<Buffer> destination() override { return dest_; }
+
+ private:
+  struct Copy {
+    unsigned lane;
+    std::byte* dst;
+    const std::byte* src;
+    std::uint64_t bytes;
+  };
+  struct Lane {
+    std::unique_ptr<HostArena> buffer;
+    std::uint64_t queued = 0, done = 0;
+  };
+  void run() {
+    std::unique_lock<std::mutex> lock(mu_);
+    while (true) {
+      cv_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
+      if (queue_.empty()) return;
+      Copy c = queue_.front();
+      queue_.pop_front();
+      lock.unlock();
+      if (delay_us_) std::this_thread::sleep_for(std::chrono::microseconds(delay_us_));
+      std::memcpy(c.dst, c.src, c.bytes);
+      lock.lock();
+      ++lanes_[c.lane].done;
+      cv_.notify_all();
+    }
+  }
+
+  std::shared_ptr<HostArena> dest_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Copy> queue_;
+  std::vector<Lane> lanes_;
+  bool stopping_ = false;
+  unsigned delay_us_;
+  std::thread worker_;
+};
+
+}  // namespace
+
+std::unique_ptr<StagingSink> make_host_sink(std::uint64_t arena_bytes, std::uint64_t alignment,
+                                            unsigned copy_delay_us) {
+  return std::make_unique<HostSink>(arena_bytes, alignment, copy_delay_us);
+}
+
+}  // namespace fst
