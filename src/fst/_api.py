@@ -9,7 +9,7 @@ from typing import Any, Iterable, Iterator, Optional, Union
 from . import _core
 from ._paths import PathArg, resolve
 from ._progress import make_progress
-from .adapters import get_adapter
+from .adapters import get_adapter, start_load
 
 Keys = Optional[Union[str, Iterable[str]]]
 
@@ -108,9 +108,7 @@ def load(
                             threads=_threads(threads), progress=progress)
     ckpt = open_checkpoint(path, threads)
     selection = ckpt.select(_patterns(keys))
-    pending = selection.start(
-        _backend(backend), _threads(threads), adapter.alignment, adapter.view_alignment, True
-    )
+    pending = start_load(adapter, selection, device, _backend(backend), _threads(threads))
     callback, close = make_progress(progress, selection.nbytes, "fst load")
     try:
         loaded = pending.wait(callback)
@@ -160,7 +158,7 @@ def iter_tensors(
 
 def _stream(adapter, device, groups, backend, threads, progress, total) -> Iterator[tuple[str, Any]]:
     def start(group):
-        return group.start(backend, threads, adapter.alignment, adapter.view_alignment, True)
+        return start_load(adapter, group, device, backend, threads)
 
     callback, close = make_progress(progress, total, "fst stream")
     done = 0

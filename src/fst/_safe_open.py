@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 from ._api import _backend, open_checkpoint
 from ._paths import PathArg
-from .adapters import get_adapter
+from .adapters import get_adapter, start_load
 from .errors import FstError
 
 
@@ -24,8 +24,10 @@ class safe_open:  # noqa: N801 - the name is the reference's
         self._adapter.check_device(device)
         self._device = device
         self._ckpt = open_checkpoint(filename)
+        self._backend = _backend(backend)
         self._source = self._ckpt.source(
-            _backend(backend), self._adapter.alignment, self._adapter.view_alignment, True
+            "auto" if self._adapter.cuda_index(device) is not None else self._backend,
+            self._adapter.alignment, self._adapter.view_alignment, True,
         )
         self._closed = False
 
@@ -61,7 +63,17 @@ class safe_open:  # noqa: N801 - the name is the reference's
 
     def get_tensor(self, name: str) -> Any:
         self._check_open()
-        return self._adapter.from_source(self._source, name, None, None, self._device)
+        return self._read(name, None, None)
+
+    def _read(self, name: str, lo: Optional[int], hi: Optional[int]) -> Any:
+        """One tensor, or rows [lo, hi) of its dimension 0, on the target device."""
+        if self._adapter.cuda_index(self._device) is None:
+            return self._adapter.from_source(self._source, name, lo, hi, self._device)
+        dtype, shape, _, _ = self._ckpt.info(name)
+        rows = shape[0] if shape else 1
+        selection = self._ckpt.select_rows([(name, lo or 0, (rows if hi is None else hi) - (lo or 0))])
+        loaded = start_load(self._adapter, selection, self._device, self._backend, 0).wait()
+        return next(iter(self._adapter.export(loaded, self._device).values()))
 
     def get_tensors(self) -> dict[str, Any]:
         return {name: self.get_tensor(name) for name in self.offset_keys()}
@@ -97,7 +109,7 @@ class TensorSlice:
         owner._check_open()
         idx = index if isinstance(index, tuple) else (index,)
         lo, hi, rest = _rows_for(idx, self._shape)
-        tensor = owner._adapter.from_source(owner._source, self._name, lo, hi, owner._device)
+        tensor = owner._read(self._name, lo, hi)
         return _contiguous(tensor[rest])
 
 

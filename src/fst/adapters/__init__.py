@@ -6,9 +6,11 @@ used, so ``import fst`` pulls in neither torch nor jax.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+import os
+from typing import Any, Optional, Protocol
 
 from .. import _core
+from ..errors import UnsupportedError
 
 FRAMEWORK_ALIASES = {
     "numpy": "numpy",
@@ -33,6 +35,9 @@ class Adapter(Protocol):
     def check_device(self, device: Any) -> None:
         """Raise UnsupportedError unless tensors can be delivered to `device`."""
 
+    def cuda_index(self, device: Any) -> Optional[int]:
+        """The CUDA ordinal `device` names, or None for host memory."""
+
     def export(self, loaded: _core.Loaded, device: Any) -> dict[str, Any]:
         """All tensors of a finished load, by name, in file order."""
 
@@ -40,6 +45,29 @@ class Adapter(Protocol):
         self, source: _core.TensorSource, name: str, lo: int | None, hi: int | None, device: Any
     ) -> Any:
         """One tensor (rows [lo, hi) of dimension 0 when given) read through `source`."""
+
+
+GPU_ALIGNMENT = 256  # every tensor fst places on a GPU starts on a 256-byte boundary
+
+
+def start_load(adapter: Adapter, selection: _core.Selection, device: Any, backend: str, threads: int):
+    """Start reading `selection` for `device`: host backends for host memory, the pinned
+    staging pipeline for a GPU."""
+    index = adapter.cuda_index(device)
+    if index is None:
+        return selection.start(backend, threads, adapter.alignment, adapter.view_alignment, True)
+    if backend == "gds":
+        raise UnsupportedError("backend 'gds' (GPU Direct Storage) is not part of this build")
+    if backend == "mmap":
+        raise UnsupportedError("backend 'mmap' gives zero-copy host views; GPU targets use pread or direct")
+    return selection.start_staged(
+        index,
+        "pread" if backend == "auto" else backend,
+        threads,
+        GPU_ALIGNMENT,
+        int(os.environ.get("FST_PINNED_BUDGET", 128 << 20)),
+        int(os.environ.get("FST_STAGING_BUFFER", 16 << 20)),
+    )
 
 
 def get_adapter(framework: str) -> Adapter:

@@ -4,7 +4,7 @@ disabled, F64/I64/U64 become 32-bit as ``jnp.asarray`` would make them."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -38,14 +38,20 @@ class JaxAdapter:
     view_alignment = 64
 
     def check_device(self, device: Any) -> None:
-        _jax_device(device)
+        dev = _jax_device(device)
+        if dev.platform not in ("cpu", "gpu", "cuda"):
+            raise UnsupportedError(f"device {device!r}: fst loads to CPU or CUDA devices")
+
+    def cuda_index(self, device: Any) -> Optional[int]:
+        dev = _jax_device(device)
+        return None if dev.platform == "cpu" else dev.local_hardware_id
 
     def _wrap(self, name: str, t: _core.DLPackTensor, device: Any) -> jax.Array:
         try:
             out = jnp.from_dlpack(t)
         except Exception as exc:  # jaxlib raises several internal error types here
             raise UnsupportedError(f"tensor {name!r}: {t.format_dtype} cannot become a JAX array ({exc})") from None
-        return out if device.platform == "cpu" else jax.device_put(out, device)
+        return out if device in out.devices() else jax.device_put(out, device)
 
     def export(self, loaded: _core.Loaded, device: Any) -> dict[str, jax.Array]:
         dev = _jax_device(device)

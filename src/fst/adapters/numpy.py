@@ -53,6 +53,9 @@ class NumpyAdapter:
         if str(device) != "cpu":
             raise UnsupportedError(f"numpy arrays live on the CPU; device={device!r} is not possible")
 
+    def cuda_index(self, device: Any) -> None:
+        return None
+
     def export(self, loaded: _core.Loaded, device: Any) -> dict[str, np.ndarray]:
         return loaded.to_numpy(NUMPY_DTYPES)
 

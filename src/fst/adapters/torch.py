@@ -2,12 +2,13 @@
 
 F4 travels as its packed bytes and is re-typed to ``torch.float4_e2m1fn_x2`` (last dimension
 halved, as safetensors does). Non-CPU devices receive a copy made by torch from the host
-tensors (the direct GPU pipeline is not part of this build).
+CUDA devices receive tensors through fst's pinned staging pipeline, in device memory fst
+allocates in the primary context torch uses; torch sees ordinary CUDA tensors.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -37,26 +38,28 @@ class TorchAdapter:
         dev = _torch_device(device)
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise UnsupportedError(f"device {device!r}: torch sees no CUDA device")
+        if dev.type not in ("cpu", "cuda"):
+            raise UnsupportedError(f"device {device!r}: fst loads to the CPU or CUDA devices")
 
-    def _wrap(self, name: str, t: _core.DLPackTensor, device: torch.device) -> torch.Tensor:
+    def cuda_index(self, device: Any) -> Optional[int]:
+        dev = _torch_device(device)
+        if dev.type != "cuda":
+            return None
+        return dev.index if dev.index is not None else torch.cuda.current_device()
+
+    def _wrap(self, name: str, t: _core.DLPackTensor) -> torch.Tensor:
         try:
             out = torch.from_dlpack(t)
         except (RuntimeError, BufferError, TypeError) as exc:
             raise UnsupportedError(f"tensor {name!r}: {t.dtype} has no torch dtype ({exc})") from None
         view = _VIEW_AFTER.get(t.format_dtype)
-        if view is not None:
-            out = out.view(view)
-        return out if device.type == "cpu" else out.to(device)
+        return out.view(view) if view is not None else out
 
     def export(self, loaded: _core.Loaded, device: Any) -> dict[str, torch.Tensor]:
-        dev = _torch_device(device)
-        out: dict[str, torch.Tensor] = {}
-        for name, t in loaded.to_dlpack(_BYTES_FOR):
-            out[name] = self._wrap(name, t, dev)
-        return out
+        return {name: self._wrap(name, t) for name, t in loaded.to_dlpack(_BYTES_FOR)}
 
     def from_source(self, source: _core.TensorSource, name: str, lo: int | None, hi: int | None, device: Any) -> torch.Tensor:
-        return self._wrap(name, source.tensor(name, lo, hi, _BYTES_FOR), _torch_device(device))
+        return self._wrap(name, source.tensor(name, lo, hi, _BYTES_FOR))
 
 
 ADAPTER = TorchAdapter()

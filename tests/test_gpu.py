@@ -1,0 +1,136 @@
+"""GPU loading: bit-exact against safetensors on CUDA, alignment, lifetimes, OOM, no leaks.
+
+Marked `gpu`; skipped without a CUDA device. scripts/gpu_check.sh runs them on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import fst
+from checkpoints import ALL_DTYPES, raw_bytes, write
+
+torch = pytest.importorskip("torch")
+import safetensors  # noqa: E402
+
+CUDA = fst._core.cuda_driver_info()["available"] and torch.cuda.is_available()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA device")]
+
+SHAPES = [[], [0], [1], [7], [3, 5], [2, 3, 5], [64, 1000]]
+
+
+def reference(path):
+    with safetensors.safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def every_dtype(tmp_path, prefix=b""):
+    dtypes = [d for d in ALL_DTYPES if not d.startswith("F6")]
+    tensors = []
+    for d in dtypes:
+        for i, s in enumerate([[2], [4, 6]] if d == "F4" else SHAPES):
+            tensors.append((f"{d}.{i}", d, s))
+    return write(tmp_path / "m.safetensors", tensors, prefix=prefix)
+
+
+@pytest.mark.parametrize("backend", ["auto", "pread", "direct"])
+@pytest.mark.parametrize("prefix", [b"", b"\x01\x02\x03"], ids=["aligned", "shift3"])
+def test_torch_cuda_every_dtype(tmp_path, backend, prefix):
+    path = every_dtype(tmp_path, prefix)
+    got = fst.load(path, framework="torch", device="cuda", backend=backend)
+    ref = reference(path)
+    assert sorted(got) == sorted(ref)
+    for name, t in got.items():
+        assert t.device.type == "cuda", name
+        assert t.dtype == ref[name].dtype, name
+        assert t.data_ptr() % 256 == 0, name
+        assert raw_bytes(t) == raw_bytes(ref[name]), name
+
+
+def test_cuda_index_filters_and_many_files(tmp_path):
+    for k in range(3):
+        write(tmp_path / f"part{k}.safetensors", [(f"p{k}.w{i}", "BF16", [k + 1, 1000 + i]) for i in range(10)], seed=k)
+    ref = {}
+    for f in sorted(tmp_path.glob("*.safetensors")):
+        ref.update(reference(f))
+    got = fst.load(tmp_path, framework="torch", device="cuda:0", keys="p1.*")
+    assert sorted(got) == sorted(k for k in ref if k.startswith("p1."))
+    for name, t in got.items():
+        assert torch.equal(t.cpu(), ref[name])
+
+
+def test_tensors_outlive_loader_and_file(tmp_path):
+    path = write(tmp_path / "m.safetensors", [("x", "F32", [1 << 20])])
+    ref = raw_bytes(reference(path)["x"])
+    x = fst.load(path, framework="torch", device="cuda")["x"]
+    with fst.safe_open(path, "pt", device="cuda") as f:
+        y = f.get_slice("x")[10:1000]
+    path.unlink()
+    torch.cuda.synchronize()
+    assert raw_bytes(x) == ref
+    assert raw_bytes(y) == ref[40:4000]
+
+
+def test_out_of_memory_is_a_clear_error_and_leaks_nothing(tmp_path):
+    free, _ = torch.cuda.mem_get_info()
+    rows = (free * 2) // (4 * 4096) + 1
+    path = tmp_path / "huge.safetensors"
+    import json
+    import struct
+
+    header = json.dumps({"w": {"dtype": "F32", "shape": [rows, 4096], "data_offsets": [0, rows * 4096 * 4]}}).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header)
+        f.truncate(8 + len(header) + rows * 4096 * 4)  # sparse: no disk used
+    before = torch.cuda.mem_get_info()[0]
+    with pytest.raises(fst.FstError, match="out of GPU memory"):
+        fst.load(path, framework="torch", device="cuda")
+    assert torch.cuda.mem_get_info()[0] >= before - (64 << 20)
+
+
+def test_no_leak_of_device_or_pinned_memory(tmp_path):
+    import psutil
+
+    path = write(tmp_path / "m.safetensors", [(f"t{i}", "BF16", [1024, 1024]) for i in range(16)])
+    for _ in range(3):
+        fst.load(path, framework="torch", device="cuda")
+    torch.cuda.synchronize()
+    free0, rss0 = torch.cuda.mem_get_info()[0], psutil.Process().memory_info().rss
+    for _ in range(50):
+        d = fst.load(path, framework="torch", device="cuda")
+        del d
+    torch.cuda.synchronize()
+    free1, rss1 = torch.cuda.mem_get_info()[0], psutil.Process().memory_info().rss
+    assert free1 >= free0 - (8 << 20)
+    assert rss1 - rss0 < 64 << 20
+
+
+def test_jax_gpu_arrays(tmp_path):
+    jax = pytest.importorskip("jax")
+    gpus = [d for d in jax.devices() if d.platform == "gpu"]
+    if not gpus:
+        pytest.skip("JAX sees no GPU")
+    path = write(tmp_path / "m.safetensors", [("a", "BF16", [33, 17]), ("b", "F32", [5]), ("c", "I8", [7])], prefix=b"\x01")
+    got = fst.load(path, framework="jax", device=gpus[0])
+    ref = reference(path)
+    for name, arr in got.items():
+        assert arr.devices() == {gpus[0]}
+        assert raw_bytes(arr) == raw_bytes(ref[name]), name
+
+
+def test_iter_tensors_on_cuda(tmp_path):
+    path = write(tmp_path / "m.safetensors", [(f"t{i}", "F16", [i + 1, 513]) for i in range(30)])
+    ref = reference(path)
+    streamed = dict(fst.iter_tensors(path, framework="torch", device="cuda", budget=4096))
+    assert sorted(streamed) == sorted(ref)
+    for name, t in streamed.items():
+        assert raw_bytes(t) == raw_bytes(ref[name])
+
+
+@pytest.mark.skipif(os.environ.get("FST_GPU_PERF") != "1", reason="throughput check only in scripts/gpu_check.sh")
+def test_report_runtime_info():
+    info = fst.runtime_info()
+    assert info["cuda_driver"]["available"]
+    print(info)
