@@ -20,6 +20,7 @@ _FLOAT4 = getattr(torch, "float4_e2m1fn_x2", None)
 # Dtypes torch's DLPack import lacks: exported as bytes, then viewed as this torch dtype.
 _VIEW_AFTER = {"F4": _FLOAT4} if _FLOAT4 is not None else {}
 _BYTES_FOR: list[bool] = table(lambda n: n in _VIEW_AFTER)
+_from_capsule = torch.utils.dlpack.from_dlpack  # takes a DLPack capsule as it is
 
 
 def _torch_device(device: Any) -> torch.device:
@@ -56,7 +57,17 @@ class TorchAdapter:
         return out.view(view) if view is not None else out
 
     def export(self, loaded: _core.Loaded, device: Any) -> dict[str, torch.Tensor]:
-        return {name: self._wrap(name, t) for name, t in loaded.to_dlpack(_BYTES_FOR)}
+        names, capsules, as_bytes = loaded.to_capsules(_BYTES_FOR)
+        try:
+            tensors = [_from_capsule(c) for c in capsules]
+        except (RuntimeError, BufferError, TypeError):
+            # Name the tensor whose dtype torch cannot hold.
+            for name, t in loaded.to_dlpack(_BYTES_FOR):
+                self._wrap(name, t)
+            raise
+        for i in as_bytes:  # F4: packed bytes, re-typed
+            tensors[i] = tensors[i].view(_FLOAT4)
+        return dict(zip(names, tensors))
 
     def from_source(self, source: _core.TensorSource, name: str, lo: int | None, hi: int | None, device: Any) -> torch.Tensor:
         return self._wrap(name, source.tensor(name, lo, hi, _BYTES_FOR))
