@@ -1,0 +1,578 @@
+"""The ``fst`` command: inspect, verify, benchmark and diagnose safetensors checkpoints."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
+import typer
+
+from . import benchmark as bm
+
+app = typer.Typer(
+    name="fst",
+    help="Fast, strict safetensors loading: inspect, verify, benchmark and diagnose checkpoints.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+_state = {"debug": False}
+
+PATH_HELP = "A .safetensors file, a *.safetensors.index.json, or a directory holding them."
+
+
+# --------------------------------------------------------------------------------------------
+# errors: one line, no traceback unless --debug
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        where = "" if exc.filename is None else str(exc.filename)
+        text = f"{where}: {exc.strerror}" if where and where not in exc.strerror else exc.strerror
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
+def _error(text: str) -> None:
+    typer.echo(f"error: {text}", err=True)
+
+
+def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn an exception into `error: <message>` on stderr and exit status 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except KeyboardInterrupt:
+            if _state["debug"]:
+                raise
+            _error("interrupted")
+            raise typer.Exit(130) from None
+        except Exception as exc:
+            if _state["debug"] or type(exc).__module__.startswith("click"):
+                raise
+            _error(_message(exc))
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"fst {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    _state["debug"] = debug
+
+
+def _dump(obj: Any) -> None:
+    typer.echo(json.dumps(obj, indent=2, default=str))
+
+
+def _size_option(text: str) -> int:
+    try:
+        return bm.parse_size(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+# --------------------------------------------------------------------------------------------
+# info
+
+
+def _alignment(offset: int) -> int:
+    """Largest power of two dividing `offset`, capped at 4096."""
+    return 4096 if offset == 0 else min(4096, offset & -offset)
+
+
+def _shape(shape: Any) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def checkpoint_info(path: str, limit: Optional[int] = None) -> dict[str, Any]:
+    """Everything `fst info` shows, as plain data."""
+    import fst
+
+    ckpt = fst.open_checkpoint(path)
+    files = list(ckpt.files)
+    entries = sorted(ckpt.entries(), key=lambda e: (e[5], e[6]))
+    per_file = [{"tensors": 0, "nbytes": 0} for _ in files]
+    dtypes: dict[str, dict[str, int]] = {}
+    aligns: dict[int, int] = {}
+    tensors = []
+    for name, dtype, shape, begin, end, fi, absolute in entries:
+        n = end - begin
+        per_file[fi]["tensors"] += 1
+        per_file[fi]["nbytes"] += n
+        d = dtypes.setdefault(dtype, {"count": 0, "bytes": 0})
+        d["count"] += 1
+        d["bytes"] += n
+        a = _alignment(absolute)
+        aligns[a] = aligns.get(a, 0) + 1
+        if limit is None or len(tensors) < limit:
+            tensors.append({"name": name, "dtype": dtype, "shape": list(shape), "bytes": n, "offset": absolute,
+                            "alignment": a, "file": fi})
+    return {
+        "path": str(path),
+        "files": [
+            {"file": f, "size": ckpt.file_size(i), "header_len": ckpt.header_len(i), **per_file[i],
+             "metadata": ckpt.metadata(i)}
+            for i, f in enumerate(files)
+        ],
+        "tensor_count": len(entries),
+        "nbytes": int(ckpt.nbytes),
+        "dtypes": dict(sorted(dtypes.items(), key=lambda kv: -kv[1]["bytes"])),
+        "alignment": {str(k): v for k, v in sorted(aligns.items())},
+        "tensors": tensors,
+        "tensors_shown": len(tensors),
+    }
+
+
+@app.command()
+@_guard
+def info(
+    path: str = typer.Argument(..., help=PATH_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    limit: Optional[int] = typer.Option(
+        None, "--limit", "-n", min=0,
+        help="Tensors to list (text: 50 by default; --json: all by default). 0 lists none."),
+) -> None:
+    """Files, tensor count, sizes, dtypes, alignment, the tensors and the metadata."""
+    if limit is None and not as_json:
+        limit = 50
+    data = checkpoint_info(path, limit)
+    if as_json:
+        _dump(data)
+        return
+    multi = len(data["files"]) > 1
+    typer.echo(f"path:    {data['path']}")
+    typer.echo(f"files:   {len(data['files'])}")
+    typer.echo(f"tensors: {data['tensor_count']}")
+    typer.echo(f"data:    {bm.format_size(data['nbytes'])} ({data['nbytes']} bytes)")
+    typer.echo("")
+    typer.echo(bm.render_table(
+        ["#", "file", "size", "header", "tensors", "data"],
+        [[i, os.path.basename(f["file"]), f["size"], f["header_len"], f["tensors"], bm.format_size(f["nbytes"])]
+         for i, f in enumerate(data["files"])],
+        right={0, 2, 3, 4, 5}))
+    typer.echo("")
+    typer.echo(bm.render_table(
+        ["dtype", "tensors", "bytes", "share"],
+        [[d, v["count"], bm.format_size(v["bytes"]), f"{v['bytes'] / max(1, data['nbytes']):.1%}"]
+         for d, v in data["dtypes"].items()],
+        right={1, 2, 3}))
+    typer.echo("")
+    typer.echo("data offset alignment (largest power of two dividing the absolute file offset, at most 4096):")
+    typer.echo("  " + "  ".join(f"{k}: {v}" for k, v in data["alignment"].items()))
+    if data["tensors"]:
+        typer.echo("")
+        shown, total = data["tensors_shown"], data["tensor_count"]
+        typer.echo(f"tensors ({'all ' + str(total) if shown == total else f'first {shown} of {total}'}, in file order):")
+        head = ["name", "dtype", "shape", "bytes", "offset", "align"] + (["file"] if multi else [])
+        body = [[t["name"], t["dtype"], _shape(t["shape"]), t["bytes"], t["offset"], t["alignment"]]
+                + ([t["file"]] if multi else []) for t in data["tensors"]]
+        typer.echo(bm.render_table(head, body, right={3, 4, 5, 6}))
+    typer.echo("")
+    typer.echo("metadata:")
+    for i, f in enumerate(data["files"]):
+        label = f"  [{i}] " if multi else "  "
+        meta = f["metadata"]
+        typer.echo(label + (json.dumps(meta, sort_keys=True) if meta else "(none)"))
+
+
+# --------------------------------------------------------------------------------------------
+# verify
+
+
+def _weight_map(path: str) -> Optional[dict[str, str]]:
+    """For a checkpoint given by an index (or a directory with one): tensor name -> file path."""
+    from ._paths import INDEX_SUFFIX
+
+    p = Path(path)
+    index = None
+    if p.is_dir():
+        found = sorted(p.glob("*" + INDEX_SUFFIX))
+        preferred = [i for i in found if i.name == "model" + INDEX_SUFFIX]
+        index = (preferred or found or [None])[0]
+    elif p.name.endswith(INDEX_SUFFIX):
+        index = p
+    if index is None:
+        return None
+    weight_map = json.loads(index.read_text())["weight_map"]
+    return {name: str(index.parent / f) for name, f in weight_map.items()}
+
+
+def _to_bytes(x: Any) -> Any:
+    """The bytes of a tensor as a flat numpy uint8 array."""
+    import numpy as np
+
+    if type(x).__module__.startswith("torch"):
+        import torch
+
+        return x.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return np.ascontiguousarray(np.asarray(x)).reshape(-1).view(np.uint8)
+
+
+def _compare_file(file: str, framework: str) -> tuple[int, list[str], int]:
+    """Bit-compare every tensor of `file` read by fst and by safetensors.
+
+    Returns (tensors compared, problems, tensors that could not be compared)."""
+    import numpy as np
+    from safetensors import safe_open as ref_open
+
+    import fst
+
+    problems: list[str] = []
+    compared = skipped = 0
+    try:
+        reference = ref_open(file, framework=framework)
+    except Exception as exc:
+        return 0, [f"{file}: safetensors rejects it: {_message(exc)}"], 0
+    ckpt = fst.open_checkpoint(file)
+    with reference as ref, fst.safe_open(file, framework) as mine:
+        ref_keys, my_keys = set(ref.keys()), set(mine.keys())
+        if ref_keys != my_keys:
+            problems.append(f"{file}: tensor names differ from safetensors' "
+                            f"(only fst: {sorted(my_keys - ref_keys)[:3]}, only safetensors: {sorted(ref_keys - my_keys)[:3]})")
+        for name in sorted(ref_keys & my_keys):
+            dtype, shape = ckpt.info(name)[:2]
+            sl = ref.get_slice(name)
+            if (sl.get_dtype(), list(sl.get_shape())) != (dtype, list(shape)):
+                problems.append(f"{file}: tensor {name!r} is {dtype}{list(shape)} for fst but "
+                                f"{sl.get_dtype()}{list(sl.get_shape())} for safetensors")
+                continue
+            try:
+                a, b = _to_bytes(mine.get_tensor(name)), _to_bytes(ref.get_tensor(name))
+            except Exception:
+                skipped += 1
+                continue
+            if a.shape != b.shape or not np.array_equal(a, b):
+                problems.append(f"{file}: tensor {name!r} differs from what safetensors reads")
+            compared += 1
+    return compared, problems, skipped
+
+
+@app.command()
+@_guard
+def verify(
+    path: str = typer.Argument(..., help=PATH_HELP),
+    against: Optional[str] = typer.Option(
+        None, "--against", help="Also bit-compare every tensor with another reader: 'safetensors'."),
+) -> None:
+    """Validate every file (each one on its own) and, optionally, compare every tensor.
+
+    Each problem is one line on stderr; exit status 0 when all is good, 1 otherwise."""
+    import fst
+    from ._paths import resolve
+
+    if against not in (None, "safetensors"):
+        raise typer.BadParameter(f"unknown reader {against!r}; only 'safetensors' is supported", param_hint="--against")
+    files = resolve(path)
+    problems: list[str] = []
+    good: list[tuple[str, Any]] = []
+    for f in files:
+        try:
+            good.append((f, fst.open_checkpoint(f)))
+        except (fst.FstError, OSError) as exc:
+            line = _message(exc)
+            if not line.startswith(f):
+                line = f"{f}: {line}"
+            if against and isinstance(exc, fst.HeaderError):
+                try:
+                    from safetensors import safe_open as ref_open
+
+                    with ref_open(f, framework="np"):
+                        pass
+                    line += " (safetensors accepts this file)"
+                except Exception:
+                    pass
+            problems.append(line)
+
+    weight_map = _weight_map(path)
+    if weight_map is not None:
+        real = {}
+        for f, ck in good:
+            for name in ck.names():
+                real[name] = f
+        for name, f in weight_map.items():
+            if f in dict(good) and real.get(name) != f:
+                where = f"but it is in {os.path.basename(real[name])}" if name in real else "but no file has it"
+                problems.append(f"index: maps {name!r} to {os.path.basename(f)}, {where}")
+        for name, f in real.items():
+            if name not in weight_map:
+                problems.append(f"index: {os.path.basename(f)} holds {name!r}, which the index does not list")
+
+    if not problems and len(files) > 1:
+        try:
+            fst.open_checkpoint(files)
+        except (fst.FstError, OSError) as exc:
+            problems.append(_message(exc))
+
+    compared = skipped = 0
+    if against and good:
+        framework = "pt" if bm.installed("torch") else "np"
+        for f, _ in good:
+            n, found, s = _compare_file(f, framework)
+            compared += n
+            skipped += s
+            problems += found
+
+    for f, ck in good:
+        typer.echo(f"ok      {f}  ({len(ck)} tensors, {bm.format_size(ck.nbytes)})")
+    for line in problems:
+        _error(line)
+    tensors = sum(len(ck) for _, ck in good)
+    summary = f"{len(files)} file(s), {tensors} tensors"
+    if against:
+        summary += f"; {compared} tensors bit-identical to safetensors" if not problems else ""
+        summary += f"; {skipped} not comparable" if skipped else ""
+    if problems:
+        typer.echo(f"FAILED: {len(problems)} problem(s) in {summary}")
+        raise typer.Exit(1)
+    typer.echo(f"all good: {summary}")
+
+
+# --------------------------------------------------------------------------------------------
+# bench
+
+
+def _split_list(values: Optional[List[str]]) -> list[str]:
+    out: list[str] = []
+    for v in values or []:
+        out += [x.strip() for x in v.split(",") if x.strip()]
+    return out
+
+
+@app.command()
+@_guard
+def bench(
+    path: Optional[str] = typer.Argument(None, help=PATH_HELP + " Without it, a synthetic checkpoint is made."),
+    framework: str = typer.Option("torch", "--framework", "-f", help="numpy, torch or jax."),
+    size: str = typer.Option("1GiB", "--size", help="Size of the synthetic checkpoint."),
+    compare: Optional[List[str]] = typer.Option(
+        None, "--compare",
+        help="Loaders to compare with (repeatable or comma separated): safetensors, fastsafetensors, "
+             "instanttensor, runai, fst-header, safetensors-header; 'none' for fst alone. Default: safetensors."),
+    cold: bool = typer.Option(True, "--cold/--no-cold", help="Measure with the page cache dropped."),
+    warm: bool = typer.Option(True, "--warm/--no-warm", help="Measure with the files in the page cache."),
+    repeat: int = typer.Option(5, "--repeat", "-r", min=1, help="Runs per loader and mode (the median is reported)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG bar chart here."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+    backend: str = typer.Option("auto", "--backend", help="fst backend: auto, pread, direct or mmap."),
+    touch: str = typer.Option("pages", "--touch", help="After loading, read: pages (a byte per 4 KiB), all, none."),
+    files: int = typer.Option(3, "--files", min=1, help="Files of the synthetic checkpoint."),
+    dtype: str = typer.Option("BF16", "--dtype", help="dtype of the synthetic checkpoint."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines on stderr."),
+) -> None:
+    """Time fst against other loaders, each load in a fresh process, warm and cold."""
+    loaders = _split_list(compare) if compare else ["safetensors"]
+    nbytes = _size_option(size)
+    if plot is not None and not bm.installed("matplotlib"):
+        raise RuntimeError("--plot needs matplotlib (pip install matplotlib)")
+    log = None if quiet else (lambda msg: typer.echo(msg, err=True))
+    results = bm.run_benchmark(path, framework=framework, size=nbytes, repeat=repeat, cold=cold, warm=warm,
+                               compare=loaders, backend=backend, touch=touch, files=files, dtype=dtype, log=log)
+    if plot is not None:
+        results["plot"] = str(bm.plot_results(results, plot))
+    if as_json:
+        _dump(results)
+        return
+    ck = results["checkpoint"]
+    typer.echo(bm.describe_machine(results["machine"]))
+    typer.echo(f"checkpoint: {'synthetic ' if ck['synthetic'] else ''}{len(ck['files'])} file(s), {ck['tensors']} "
+               f"tensors, {bm.format_size(ck['nbytes'])} -> {results['config']['framework']}, "
+               f"median of {repeat}, touch={touch}")
+    typer.echo("")
+    typer.echo(bm.format_table(results, anchor_label="vs safetensors: time ratio (speedup)"))
+    for row in results["rows"]:
+        if row.get("backend"):
+            typer.echo(f"fst {row['mode']}: {row['backend']} ({row.get('reason')})")
+    for s in results["skipped"]:
+        typer.echo(f"skipped {s['loader']}: {s['reason']}")
+    for w in results["warnings"]:
+        typer.echo(f"warning: {w}")
+    if plot is not None:
+        typer.echo(f"plot: {results['plot']}")
+
+
+# --------------------------------------------------------------------------------------------
+# demo
+
+
+def _reference_bytes(files: list[str]) -> tuple[dict[str, Any], str]:
+    """Every tensor's bytes as safetensors reads them (torch, else numpy)."""
+    if bm.installed("torch"):
+        from safetensors.torch import load_file
+
+        how = "safetensors.torch"
+    else:
+        from safetensors.numpy import load_file
+
+        how = "safetensors.numpy"
+    out: dict[str, Any] = {}
+    for f in files:
+        out.update({k: _to_bytes(v) for k, v in load_file(f).items()})
+    return out, how
+
+
+def _safetensors_loader(framework: str) -> Callable[[str], dict[str, Any]]:
+    if framework == "torch":
+        from safetensors.torch import load_file
+    elif framework == "numpy":
+        from safetensors.numpy import load_file
+    else:
+        from safetensors.flax import load_file
+    return load_file
+
+
+@app.command()
+@_guard
+def demo(
+    size: str = typer.Option("256MiB", "--size", help="Size of the synthetic checkpoint."),
+    files: int = typer.Option(3, "--files", min=1, help="Number of files."),
+    dtype: str = typer.Option("BF16", "--dtype", help="dtype of the tensors."),
+) -> None:
+    """Make a checkpoint, load it into every installed framework and check every bit against safetensors."""
+    import numpy as np
+
+    import fst
+
+    nbytes = _size_option(size)
+    tmp = tempfile.mkdtemp(prefix="fst-demo-")
+    try:
+        t0 = time.perf_counter()
+        ck = bm.make_checkpoint(tmp, nbytes, files=files, dtype=dtype)
+        typer.echo(f"made {ck.tensors} tensors ({ck.layers} layers, hidden {ck.hidden}), {bm.format_size(ck.nbytes)} "
+                   f"{ck.dtype} in {len(ck.files)} file(s) in {time.perf_counter() - t0:.2f} s")
+        file_list = [str(p) for p in ck.files]
+        reference, how = _reference_bytes(file_list)
+        typer.echo(f"reference: {how}.load_file")
+        rows = []
+        failures = 0
+        smallest = min(fst.open_checkpoint(ck.path).entries(), key=lambda e: e[4] - e[3])[0]
+        for framework in bm.available_frameworks():
+            fst.load(ck.path, framework=framework, keys=[smallest])  # start the framework up, untimed
+            t0 = time.perf_counter()
+            tensors = fst.load(ck.path, framework=framework)
+            seconds = time.perf_counter() - t0
+            stats = fst.last_load_stats() or {}
+            bad = [k for k in reference if k not in tensors or not np.array_equal(_to_bytes(tensors[k]), reference[k])]
+            bad += [k for k in tensors if k not in reference]
+            failures += bool(bad)
+            equal = "yes" if not bad else f"NO ({len(bad)} tensors differ, e.g. {bad[0]})"
+            rows.append([framework, "fst", len(tensors), f"{seconds:.3f}", f"{ck.nbytes / seconds / 1e9:.2f}",
+                         stats.get("backend", ""), equal])
+            del tensors
+            try:
+                load_file = _safetensors_loader(framework)
+                t0 = time.perf_counter()
+                theirs: dict[str, Any] = {}
+                for f in file_list:
+                    theirs.update(load_file(f))
+                seconds = time.perf_counter() - t0
+                rows.append([framework, "safetensors", len(theirs), f"{seconds:.3f}",
+                             f"{ck.nbytes / seconds / 1e9:.2f}", "", "(reference)" if framework == "torch" else ""])
+                del theirs
+            except Exception as exc:
+                rows.append([framework, "safetensors", "", "n/a", "", "", _message(exc)[:50]])
+        typer.echo("")
+        typer.echo(bm.render_table(["framework", "loader", "tensors", "seconds", "GB/s", "backend", "bit-equal"],
+                                   rows, right={2, 3, 4}))
+        typer.echo("")
+        if failures:
+            typer.echo(f"FAILED: {failures} framework(s) differ from safetensors")
+            raise typer.Exit(1)
+        typer.echo("every tensor in every framework is bit-identical to safetensors")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# doctor
+
+
+def _driver_version(v: int) -> str:
+    return f"{v // 1000}.{v % 1000 // 10}" if v else "unknown"
+
+
+@app.command()
+@_guard
+def doctor(
+    path: Optional[str] = typer.Argument(None, help=PATH_HELP + " Adds what a load of it would do."),
+    as_json: bool = typer.Option(False, "--json", help="Print runtime_info() as JSON."),
+) -> None:
+    """What fst found on this machine, and what a load of PATH would use and why."""
+    import fst
+    from ._paths import resolve
+
+    if path is None:
+        data = fst.runtime_info()
+    else:
+        files = resolve(path)
+        data = fst.runtime_info(files[0])
+        source = fst.open_checkpoint(path).source("auto")  # the decision for the whole checkpoint
+        data["path"].update({"checkpoint": str(path), "files": len(files), "auto_backend": source.backend,
+                             "page_cache_resident": bm.page_cache_residency(files),
+                             "auto_reason": source.reason, "filesystem": bm.filesystem_of(files[0])})
+    if as_json:
+        _dump(data)
+        return
+    say = typer.echo
+    say(f"fst {data['version']}: C++ core with {data['threads']} I/O threads by default "
+        f"(set FST_THREADS or threads= to change)")
+    say(f"CUDA kernels: {'built' if data['cuda_kernels_built'] else 'not built in this install'}")
+    drv = data["cuda_driver"]
+    if drv.get("available"):
+        gpus = drv.get("devices") or []
+        say(f"CUDA driver: {_driver_version(drv.get('driver_version', 0))}, {len(gpus)} GPU(s)")
+        for i, g in enumerate(gpus):
+            say(f"  GPU {i}: {g}")
+    else:
+        say(f"CUDA driver: not available ({drv.get('reason') or 'no reason given'})")
+    cuf = data["cufile"]
+    if cuf.get("available"):
+        say(f"cuFile (GPUDirect Storage): available ({cuf.get('library')})")
+    else:
+        say(f"cuFile (GPUDirect Storage): not available ({cuf.get('reason') or 'no reason given'})")
+    say(f"GPU loading: {data['gpu_loading']}")
+    env = data.get("environment") or {}
+    say("environment: " + (", ".join(f"{k}={v}" for k, v in sorted(env.items())) or "no FST_* variables set"))
+    p = data.get("path")
+    if p:
+        fs = p.get("filesystem") or {}
+        say("")
+        say(f"checkpoint: {path}" + (f" ({p['files']} files; first: {p['file']})" if p["files"] > 1 else ""))
+        say(f"  filesystem: {fs.get('type', '?')} on {fs.get('device', '?')} (mounted at {fs.get('mount', '?')})")
+        say(f"  in the page cache: {p['page_cache_resident']:.0%}")
+        od = p["o_direct"]
+        say(f"  O_DIRECT on this filesystem: {'supported' if od is True else od}")
+        say(f"  a CPU load would use: {p['auto_backend']} ({p['auto_reason']})")
+
+
+def main() -> None:
+    """Console entry point."""
+    app(prog_name="fst")
+
+
+if __name__ == "__main__":
+    main()
