@@ -19,20 +19,22 @@ def runtime_info(path: Optional[str] = None) -> dict[str, Any]:
         "threads": _core.default_threads(),
         "cuda_driver": _core.cuda_driver_info(),
         "cufile": _core.cufile_info(),
-        "gpu_loading": "not in this build: GPU targets are copied by the framework from host tensors",
+        "gpu_loading": "pinned staging buffers + cuMemcpyHtoDAsync (GPU Direct Storage is not in this build)",
         "environment": {k: v for k, v in os.environ.items() if k.startswith("FST_")},
     }
     if path is not None:
-        resident = _core.page_cache_residency(str(path))
-        direct_ok, direct_why = _core.direct_io_supported(str(path))
         from ._api import open_checkpoint
+        from ._paths import resolve
 
-        ckpt = open_checkpoint(path)
-        source = ckpt.source("auto")
+        files = resolve(path)
+        sizes = [os.path.getsize(f) for f in files]
+        resident = sum(_core.page_cache_residency(f) * n for f, n in zip(files, sizes)) / max(sum(sizes), 1)
+        direct_ok, direct_why = _core.direct_io_supported(files[0])
+        source = open_checkpoint(files).source("auto")
         info["path"] = {
-            "file": str(path),
+            "files": files,
             "page_cache_resident": resident,
-            "o_direct": direct_ok if direct_ok else f"no: {direct_why}",
+            "o_direct": True if direct_ok else f"no: {direct_why}",
             "auto_backend": source.backend,
             "auto_reason": source.reason,
         }

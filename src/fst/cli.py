@@ -523,17 +523,10 @@ def doctor(
 ) -> None:
     """What fst found on this machine, and what a load of PATH would use and why."""
     import fst
-    from ._paths import resolve
 
-    if path is None:
-        data = fst.runtime_info()
-    else:
-        files = resolve(path)
-        data = fst.runtime_info(files[0])
-        source = fst.open_checkpoint(path).source("auto")  # the decision for the whole checkpoint
-        data["path"].update({"checkpoint": str(path), "files": len(files), "auto_backend": source.backend,
-                             "page_cache_resident": bm.page_cache_residency(files),
-                             "auto_reason": source.reason, "filesystem": bm.filesystem_of(files[0])})
+    data = fst.runtime_info(path)
+    if path is not None:
+        data["path"]["filesystem"] = bm.filesystem_of(data["path"]["files"][0])
     if as_json:
         _dump(data)
         return
@@ -561,7 +554,8 @@ def doctor(
     if p:
         fs = p.get("filesystem") or {}
         say("")
-        say(f"checkpoint: {path}" + (f" ({p['files']} files; first: {p['file']})" if p["files"] > 1 else ""))
+        files = p["files"]
+        say(f"checkpoint: {path}" + (f" ({len(files)} files; first: {files[0]})" if len(files) > 1 else ""))
         say(f"  filesystem: {fs.get('type', '?')} on {fs.get('device', '?')} (mounted at {fs.get('mount', '?')})")
         say(f"  in the page cache: {p['page_cache_resident']:.0%}")
         od = p["o_direct"]
