@@ -84,6 +84,24 @@ double page_cache_residency(int fd, std::uint64_t file_size, std::uint64_t offse
   return share;
 }
 
+double data_residency(const Checkpoint& ckpt, const std::vector<int>& fds) {
+  double resident = 0, total = 0;
+  const auto& headers = ckpt.files();
+  for (std::size_t f = 0; f < headers.size(); ++f) {
+    if (fds[f] < 0 || headers[f].data_size() == 0) continue;
+    double share = page_cache_residency(fds[f], headers[f].file_size, headers[f].data_start(), headers[f].data_size());
+    resident += (share < 0 ? 0 : share) * static_cast<double>(headers[f].data_size());
+    total += static_cast<double>(headers[f].data_size());
+  }
+  return total > 0 ? resident / total : 1.0;
+}
+
+std::string percent(double share) {
+  char text[32];
+  std::snprintf(text, sizeof text, "%.0f%%", share * 100);
+  return text;
+}
+
 bool direct_io_supported(const std::string& path, int& err) {
   auto f = detail::PosixFile::try_open(path, O_RDONLY | O_DIRECT, err);
   return f.valid();
@@ -117,31 +135,23 @@ PendingLoad::PendingLoad(std::shared_ptr<const Checkpoint> ckpt, std::vector<Pic
   Backend backend = opt_.backend;
   if (backend == Backend::Mmap && !opt_.allow_views)
     throw UnsupportedError("backend 'mmap' gives zero-copy views and only serves CPU targets");
+  bool read_ahead = false;
   if (backend == Backend::Auto) {
     if (!opt_.allow_views) {
       backend = Backend::Pread;
       st.reason = "target is not host memory: parallel pread";
     } else {
-      // Weighted page-cache share of the data regions this load touches.
-      double resident = 0, total = 0;
-      for (std::size_t f = 0; f < headers.size(); ++f) {
-        if (!used[f] || headers[f].data_size() == 0) continue;
-        double share = page_cache_residency(files_->files[f].fd(), headers[f].file_size,
-                                             headers[f].data_start(), headers[f].data_size());
-        if (share < 0) share = 0;
-        resident += share * static_cast<double>(headers[f].data_size());
-        total += static_cast<double>(headers[f].data_size());
-      }
-      st.resident = total > 0 ? resident / total : 1.0;
-      char pct[32];
-      std::snprintf(pct, sizeof pct, "%.0f%%", st.resident * 100);
-      if (st.resident >= opt_.resident_for_mmap) {
-        backend = Backend::Mmap;
-        st.reason = std::string(pct) + " of the data is in the page cache: zero-copy mmap";
-      } else {
-        backend = Backend::Pread;
-        st.reason = std::string(pct) + " of the data is in the page cache: parallel pread";
-      }
+      // Host targets are served as views of the page cache: no copy at all. Data not cached
+      // yet is requested from the disk at once, in parallel (the kernel then reads with a deep
+      // queue) rather than page by page as the tensors are first touched.
+      std::vector<int> fds(headers.size(), -1);
+      for (std::size_t f = 0; f < headers.size(); ++f)
+        if (used[f]) fds[f] = files_->files[f].fd();
+      st.resident = data_residency(*ckpt_, fds);
+      backend = Backend::Mmap;
+      read_ahead = st.resident < opt_.resident_for_mmap;
+      st.reason = percent(st.resident) + " of the data is in the page cache: zero-copy mmap" +
+                  (read_ahead ? ", the rest read ahead in parallel" : "");
     }
   } else {
     st.reason = "requested";
@@ -150,7 +160,7 @@ PendingLoad::PendingLoad(std::shared_ptr<const Checkpoint> ckpt, std::vector<Pic
 
   pool_ = std::make_unique<ThreadPool>(opt_.threads);
   st.threads = pool_->size();
-  if (backend == Backend::Mmap) start_views();
+  if (backend == Backend::Mmap) start_views(read_ahead);
   else start_reads(backend == Backend::Direct);
 }
 
@@ -161,9 +171,33 @@ PendingLoad::~PendingLoad() {
   }
 }
 
-void PendingLoad::start_views() {
+void PendingLoad::start_views(bool read_ahead) {
   const auto& headers = ckpt_->files();
   const auto& sel = result_.selection;
+  if (read_ahead) {
+    // POSIX_FADV_WILLNEED queues the reads and returns; chunks spread the queuing over the
+    // workers. Spans of selected tensors closer than 1 MiB are merged.
+    constexpr std::uint64_t kChunk = 64u << 20, kGap = 1u << 20;
+    std::vector<std::pair<std::uint32_t, Extent>> spans;
+    for (const Pick& p : sel) {
+      Extent e = ckpt_->extent(p);
+      if (!spans.empty() && spans.back().first == p.ref.file &&
+          e.offset <= spans.back().second.offset + spans.back().second.nbytes + kGap &&
+          e.offset >= spans.back().second.offset)
+        spans.back().second.nbytes = std::max(spans.back().second.nbytes, e.offset + e.nbytes - spans.back().second.offset);
+      else
+        spans.push_back({p.ref.file, e});
+    }
+    for (const auto& [file, span] : spans) {
+      for (std::uint64_t off = 0; off < span.nbytes; off += kChunk) {
+        const int fd = files_->files[file].fd();
+        const std::uint64_t at = span.offset + off, len = std::min(kChunk, span.nbytes - off);
+        pool_->submit(group_, [fd, at, len](unsigned) {
+          ::posix_fadvise(fd, static_cast<off_t>(at), static_cast<off_t>(len), POSIX_FADV_WILLNEED);
+        });
+      }
+    }
+  }
   std::vector<std::uint32_t> owner_index(headers.size(), UINT32_MAX);
   std::vector<Pick> copies;                // tensors whose file address is not aligned enough
   std::vector<std::size_t> copy_slots;
@@ -224,11 +258,24 @@ void PendingLoad::start_reads(bool direct) {
   std::byte* base = arena->data();
 
   if (!direct) {
-    for (const ReadRequest& req : plan_.requests) {
-      pool_->submit(group_, [this, &req, base](unsigned) {
-        const auto& file = files_->files[req.file];
-        read_scattered(file.fd(), file.path(), req, plan_.pieces.data() + req.first_piece, base);
-        done_.fetch_add(req.length, std::memory_order_relaxed);
+    // Each worker streams one contiguous stripe of the requests through descriptors of its
+    // own: the kernel then sees sequential readers and reads ahead for each, where one shared
+    // descriptor read at interleaved offsets defeats its readahead when the data is cold.
+    const std::size_t n = plan_.requests.size();
+    const std::size_t stripes = std::min<std::size_t>(pool_->size(), n);
+    for (std::size_t s = 0; s < stripes; ++s) {
+      pool_->submit(group_, [this, base, first = n * s / stripes, last = n * (s + 1) / stripes](unsigned) {
+        std::vector<detail::PosixFile> own(ckpt_->files().size());
+        for (std::size_t i = first; i < last && !group_.cancelled(); ++i) {
+          const ReadRequest& req = plan_.requests[i];
+          auto& file = own[req.file];
+          if (!file.valid()) {
+            file = detail::PosixFile(ckpt_->files()[req.file].path, O_RDONLY);
+            ::posix_fadvise(file.fd(), 0, 0, POSIX_FADV_SEQUENTIAL);
+          }
+          read_scattered(file.fd(), file.path(), req, plan_.pieces.data() + req.first_piece, base);
+          done_.fetch_add(req.length, std::memory_order_relaxed);
+        }
       });
     }
     return;

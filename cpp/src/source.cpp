@@ -27,25 +27,15 @@ TensorSource::TensorSource(std::shared_ptr<const Checkpoint> ckpt, const ReadOpt
   if (backend_ == Backend::Mmap && !opt_.allow_views)
     throw UnsupportedError("backend 'mmap' gives zero-copy views and only serves CPU targets");
   if (backend_ == Backend::Auto) {
-    double resident = 0, total = 0;
     if (opt_.allow_views) {
-      for (std::size_t f = 0; f < headers.size(); ++f) {
-        double share = page_cache_residency(state_->files[f].fd(), headers[f].file_size,
-                                            headers[f].data_start(), headers[f].data_size());
-        resident += (share < 0 ? 0 : share) * static_cast<double>(headers[f].data_size());
-        total += static_cast<double>(headers[f].data_size());
-      }
-    }
-    double share = total > 0 ? resident / total : 1.0;
-    char pct[32];
-    std::snprintf(pct, sizeof pct, "%.0f%%", share * 100);
-    if (opt_.allow_views && share >= opt_.resident_for_mmap) {
+      // As the reference does: views of a private mapping, paged in when first touched.
+      std::vector<int> fds;
+      for (const auto& f : state_->files) fds.push_back(f.fd());
       backend_ = Backend::Mmap;
-      reason_ = std::string(pct) + " of the data is in the page cache: zero-copy mmap";
+      reason_ = percent(data_residency(*ckpt_, fds)) + " of the data is in the page cache: zero-copy mmap";
     } else {
       backend_ = Backend::Pread;
-      reason_ = opt_.allow_views ? std::string(pct) + " of the data is in the page cache: pread"
-                                 : "target is not host memory: pread";
+      reason_ = "target is not host memory: pread";
     }
   } else {
     reason_ = "requested";

@@ -27,7 +27,7 @@ struct ReadOptions {
   std::uint64_t view_alignment = 0;        // zero-copy mmap views need this (0: natural)
   bool allow_views = true;                 // may tensors view a file mapping (CPU targets)?
   std::uint64_t max_request = 16u << 20;   // bytes per read request
-  double resident_for_mmap = 0.98;         // auto: page-cache share above which mmap wins
+  double resident_for_mmap = 0.98;         // auto: below this page-cache share, read ahead
 };
 
 struct LoadStats {
@@ -76,7 +76,7 @@ class PendingLoad final : public AsyncLoad {
   std::uint64_t bytes_total() const noexcept override { return result_.stats.bytes; }
 
  private:
-  void start_views();
+  void start_views(bool read_ahead);
   void start_reads(bool direct);
 
   std::shared_ptr<const Checkpoint> ckpt_;
@@ -95,6 +95,11 @@ class PendingLoad final : public AsyncLoad {
 
 // Share of bytes [offset, offset+length) of `path` that is in the page cache (0..1).
 double page_cache_residency(int fd, std::uint64_t file_size, std::uint64_t offset, std::uint64_t length);
+// The page-cache share of the data of the files whose descriptor is given (fds[f] < 0: not
+// part of the load), weighted by size.
+double data_residency(const Checkpoint& ckpt, const std::vector<int>& fds);
+// "97%": a share as the load stats' reasons print it.
+std::string percent(double share);
 
 // Whether O_DIRECT can be opened for `path` (and errno otherwise).
 bool direct_io_supported(const std::string& path, int& err);
