@@ -13,7 +13,9 @@
 #include "detail/posix_file.hpp"
 #include "fst/cuda.hpp"
 #include "fst/errors.hpp"
+#include "fst/convert.hpp"
 #include "fst/export.hpp"
+#include "fst/fixup.hpp"
 #include "fst/plan.hpp"
 #include "fst/reader.hpp"
 #include "fst/source.hpp"
@@ -163,9 +165,24 @@ py::object numpy_array(const ExportItem& item, const py::list& dtypes, py::handl
 
 struct PyCheckpoint;
 
+// Dtype rules from Python: a default for floating tensors (or None) and (pattern, dtype) pairs.
+DtypeRules make_rules(const std::optional<std::string>& floating_default,
+                      const std::vector<std::pair<std::string, std::string>>& rules) {
+  auto parse = [](const std::string& name) {
+    auto d = dtype_from_name(name);
+    if (!d) throw py::value_error("unknown dtype '" + name + "'");
+    return *d;
+  };
+  DtypeRules r;
+  if (floating_default) r.floating_default = parse(*floating_default);
+  for (const auto& [pattern, dtype] : rules) r.rules.emplace_back(pattern, parse(dtype));
+  return r;
+}
+
 struct PySelection {
   std::shared_ptr<const Checkpoint> ckpt;
   std::vector<Pick> picks;
+  std::vector<Dtype> targets;  // per pick, or empty: every tensor keeps its dtype
   std::uint64_t nbytes() const {
     std::uint64_t n = 0;
     for (const Pick& p : picks) n += ckpt->extent(p).nbytes;
@@ -179,7 +196,7 @@ struct PyLoaded {
 
   ExportItem item(std::size_t i) const {
     const Pick& p = loaded.selection[i];
-    const Dtype d = ckpt->entry(p.ref).dtype;
+    const Dtype d = loaded.dtypes[i];
     return ExportItem{loaded.owners[loaded.owner_of[i]], loaded.data[i], d, signed_shape(ckpt->shape(p)), d,
                       loaded.device};
   }
@@ -294,6 +311,8 @@ ReadOptions read_options(const std::string& backend, unsigned threads, std::uint
 struct PySource {
   std::shared_ptr<const Checkpoint> ckpt;
   std::shared_ptr<TensorSource> source;
+  DtypeRules rules;
+  std::uint64_t alignment;
 
   ExportItem item(const std::string& name, std::optional<std::uint64_t> lo, std::optional<std::uint64_t> hi) const {
     const TensorRef* r = ckpt->find(name);
@@ -306,13 +325,19 @@ struct PySource {
       pick.first_row = first;
       pick.rows = last - first;
     }
+    const Dtype from = ckpt->entry(*r).dtype, to = rules.target_for(ckpt->entry(*r));
     TensorSource::Rows rows;
     {
       py::gil_scoped_release release;
       rows = source->get(pick);
+      if (to != from) {  // fix up: convert into memory of its own
+        const std::uint64_t count = ckpt->extent(pick).nbytes * 8 / dtype_bits(from);
+        auto arena = std::make_shared<HostArena>(count * dtype_bits(to) / 8, alignment);
+        convert_host(rows.data, from, arena->data(), to, count, ThreadPool::default_threads());
+        rows = TensorSource::Rows{arena, arena->data()};
+      }
     }
-    const Dtype d = ckpt->entry(*r).dtype;
-    return ExportItem{rows.owner, rows.data, d, signed_shape(ckpt->shape(pick)), d};
+    return ExportItem{rows.owner, rows.data, to, signed_shape(ckpt->shape(pick)), to};
   }
 };
 
@@ -371,7 +396,7 @@ struct PyCheckpoint {
       picks.reserve(ckpt->all().size());
       for (TensorRef r : ckpt->all()) picks.push_back(Pick{r});
     }
-    return PySelection{ckpt, std::move(picks)};
+    return PySelection{ckpt, std::move(picks), {}};
   }
   // Shards: (name, first row, row count) of dimension 0 each, in the order given.
   PySelection select_rows(const std::vector<std::tuple<std::string, std::uint64_t, std::uint64_t>>& rows) const {
@@ -382,11 +407,13 @@ struct PyCheckpoint {
       ckpt->extent(p);  // bounds check now, with the tensor's name in the error
       picks.push_back(p);
     }
-    return PySelection{ckpt, std::move(picks)};
+    return PySelection{ckpt, std::move(picks), {}};
   }
 };
 
 }  // namespace
+
+void fst_register_convert(py::module_& m);  // cpp/bindings_convert.cpp
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "fst core: strict safetensors planning, parallel reads, DLPack export";
@@ -428,6 +455,11 @@ PYBIND11_MODULE(_core, m) {
       .def("to_dlpack", &PyLoaded::to_dlpack, py::arg("bytes_for"))
       .def("to_capsules", &PyLoaded::to_capsules, py::arg("bytes_for"), py::arg("versioned") = false)
       .def_property_readonly("stats", &PyLoaded::stats)
+      .def_property_readonly("casts", [](const PyLoaded& l) {
+        py::list out;  // (tensor index, dtype name): conversions the framework must still do
+        for (const auto& [i, d] : l.loaded.casts) out.append(py::make_tuple(i, std::string(dtype_name(d))));
+        return out;
+      })
       .def("__len__", [](const PyLoaded& l) { return l.loaded.selection.size(); });
 
   py::class_<PyPending>(m, "PendingLoad")
@@ -436,6 +468,22 @@ PYBIND11_MODULE(_core, m) {
 
   py::class_<PySelection>(m, "Selection")
       .def("__len__", [](const PySelection& s) { return s.picks.size(); })
+      // The same picks, each to be converted to the dtype the rules give it after reading.
+      .def("with_dtypes", [](const PySelection& s, const std::optional<std::string>& floating_default,
+                             const std::vector<std::pair<std::string, std::string>>& rules) {
+        DtypeRules r = make_rules(floating_default, rules);
+        PySelection out{s.ckpt, s.picks, {}};
+        if (r.empty()) return out;
+        bool any = false;
+        out.targets.reserve(s.picks.size());
+        for (const Pick& p : s.picks) {
+          const TensorEntry& e = s.ckpt->entry(p.ref);
+          out.targets.push_back(r.target_for(e));
+          any = any || out.targets.back() != e.dtype;
+        }
+        if (!any) out.targets.clear();
+        return out;
+      }, py::arg("floating_default"), py::arg("rules"))
       .def_property_readonly("nbytes", &PySelection::nbytes)
       .def("names", [](const PySelection& s) {
         py::list out;
@@ -446,13 +494,14 @@ PYBIND11_MODULE(_core, m) {
         // Consecutive groups of at most `budget` bytes (a larger tensor gets a group alone).
         std::vector<PySelection> groups;
         std::uint64_t bytes = 0;
-        for (const Pick& p : s.picks) {
-          std::uint64_t n = s.ckpt->extent(p).nbytes;
+        for (std::size_t i = 0; i < s.picks.size(); ++i) {
+          std::uint64_t n = s.ckpt->extent(s.picks[i]).nbytes;
           if (groups.empty() || (bytes + n > budget && !groups.back().picks.empty())) {
-            groups.push_back(PySelection{s.ckpt, {}});
+            groups.push_back(PySelection{s.ckpt, {}, {}});
             bytes = 0;
           }
-          groups.back().picks.push_back(p);
+          groups.back().picks.push_back(s.picks[i]);
+          if (!s.targets.empty()) groups.back().targets.push_back(s.targets[i]);
           bytes += n;
         }
         return groups;
@@ -462,7 +511,7 @@ PYBIND11_MODULE(_core, m) {
         ReadOptions opt = read_options(backend, threads, alignment, view_alignment, allow_views);
         PyPending p{nullptr, s.ckpt};
         py::gil_scoped_release release;
-        p.pending = std::make_unique<PendingLoad>(s.ckpt, s.picks, opt);
+        p.pending = std::make_unique<PendingLoad>(s.ckpt, s.picks, opt, s.targets);
         return p;
       }, py::arg("backend") = "auto", py::arg("threads") = 0, py::arg("alignment") = 64,
          py::arg("view_alignment") = 0, py::arg("allow_views") = true)
@@ -482,7 +531,7 @@ PYBIND11_MODULE(_core, m) {
         };
         PyPending p{nullptr, s.ckpt};
         py::gil_scoped_release release;
-        p.pending = std::make_unique<StagedLoad>(s.ckpt, s.picks, opt, factory);
+        p.pending = std::make_unique<StagedLoad>(s.ckpt, s.picks, opt, factory, s.targets);
         return p;
       }, py::arg("device"), py::arg("backend") = "pread", py::arg("threads") = 0, py::arg("alignment") = 256,
          py::arg("budget") = 128u << 20, py::arg("buffer_bytes") = 16u << 20,
@@ -514,12 +563,16 @@ PYBIND11_MODULE(_core, m) {
       .def("select", &PyCheckpoint::select, py::arg("patterns") = py::none())
       .def("select_rows", &PyCheckpoint::select_rows, py::arg("rows"))
       .def("source", [](const PyCheckpoint& c, const std::string& backend, std::uint64_t alignment,
-                        std::uint64_t view_alignment, bool allow_views) {
+                        std::uint64_t view_alignment, bool allow_views,
+                        const std::optional<std::string>& floating_default,
+                        const std::vector<std::pair<std::string, std::string>>& rules) {
         ReadOptions opt = read_options(backend, 1, alignment, view_alignment, allow_views);
+        DtypeRules r = make_rules(floating_default, rules);
         py::gil_scoped_release release;
-        return PySource{c.ckpt, std::make_shared<TensorSource>(c.ckpt, opt)};
+        return PySource{c.ckpt, std::make_shared<TensorSource>(c.ckpt, opt), std::move(r), alignment};
       }, py::arg("backend") = "auto", py::arg("alignment") = 64, py::arg("view_alignment") = 0,
-         py::arg("allow_views") = true);
+         py::arg("allow_views") = true, py::arg("floating_default") = py::none(),
+         py::arg("rules") = std::vector<std::pair<std::string, std::string>>{});
 
   py::class_<PySource>(m, "TensorSource")
       .def_property_readonly("backend", [](const PySource& s) { return backend_name(s.source->backend()); })
@@ -558,6 +611,7 @@ PYBIND11_MODULE(_core, m) {
     bool ok = direct_io_supported(path, err);
     return py::make_tuple(ok, ok ? std::string() : std::string(std::strerror(err)));
   });
+  fst_register_convert(m);
   m.def("page_cache_residency", [](const std::string& path) {
     fst::detail::PosixFile f(path, O_RDONLY);
     std::uint64_t size = f.size();

@@ -13,6 +13,7 @@
 #include "detail/clock.hpp"
 #include "detail/posix_file.hpp"
 #include "fst/errors.hpp"
+#include "fst/fixup.hpp"
 
 namespace fst {
 
@@ -114,14 +115,17 @@ struct PendingLoad::Files {
 };
 
 PendingLoad::PendingLoad(std::shared_ptr<const Checkpoint> ckpt, std::vector<Pick> selection,
-                         const ReadOptions& options)
-    : ckpt_(std::move(ckpt)), opt_(options), files_(std::make_unique<Files>()) {
+                         const ReadOptions& options, std::vector<Dtype> targets)
+    : ckpt_(std::move(ckpt)), opt_(options), targets_(std::move(targets)), files_(std::make_unique<Files>()) {
   started_ = detail::now_seconds();
   const auto& headers = ckpt_->files();
   LoadStats& st = result_.stats;
   result_.selection = std::move(selection);
   const auto& sel = result_.selection;
-  for (const Pick& p : sel) st.bytes += ckpt_->extent(p).nbytes;
+  for (const Pick& p : sel) {
+    st.bytes += ckpt_->extent(p).nbytes;
+    result_.dtypes.push_back(ckpt_->entry(p.ref).dtype);
+  }
   result_.data.assign(sel.size(), nullptr);
   result_.owner_of.assign(sel.size(), 0);
   files_->files.resize(headers.size());
@@ -322,6 +326,7 @@ LoadedTensors PendingLoad::wait(const std::function<bool()>& tick, int tick_ms) 
   }
   finished_ = true;
   group_.rethrow();
+  if (!targets_.empty()) convert_loaded(result_, *ckpt_, targets_, *pool_, opt_.alignment);
   pool_.reset();
   files_.reset();  // close descriptors now; mappings stay alive through the owners
   result_.stats.seconds = detail::now_seconds() - started_;

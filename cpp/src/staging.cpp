@@ -23,7 +23,8 @@ struct StagedLoad::Files {
 };
 
 StagedLoad::StagedLoad(std::shared_ptr<const Checkpoint> ckpt, std::vector<Pick> selection,
-                       const StagingOptions& options, const SinkFactory& make_sink)
+                       const StagingOptions& options, const SinkFactory& make_sink,
+                       const std::vector<Dtype>& targets)
     : ckpt_(std::move(ckpt)), opt_(options), files_(std::make_unique<Files>()) {
   started_ = detail::now_seconds();
   if (opt_.backend != Backend::Pread && opt_.backend != Backend::Direct)
@@ -36,7 +37,12 @@ StagedLoad::StagedLoad(std::shared_ptr<const Checkpoint> ckpt, std::vector<Pick>
   const auto& sel = result_.selection;
   LoadStats& st = result_.stats;
   st.backend = opt_.backend;
-  for (const Pick& p : sel) st.bytes += ckpt_->extent(p).nbytes;
+  for (const Pick& p : sel) {
+    st.bytes += ckpt_->extent(p).nbytes;
+    result_.dtypes.push_back(ckpt_->entry(p.ref).dtype);
+  }
+  for (std::size_t i = 0; i < targets.size(); ++i)
+    if (targets[i] != result_.dtypes[i]) result_.casts.emplace_back(static_cast<std::uint32_t>(i), targets[i]);
 
   // Open each file the selection touches (O_DIRECT for the direct backend).
   files_->files.resize(headers.size());

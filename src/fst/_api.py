@@ -7,6 +7,7 @@ import threading
 from typing import Any, Iterable, Iterator, Optional, Union
 
 from . import _core
+from ._dtypes import dtype_rules
 from ._paths import PathArg, resolve
 from ._progress import make_progress
 from .adapters import get_adapter, start_load
@@ -80,6 +81,7 @@ def load(
     backend: Optional[str] = None,
     threads: Optional[int] = None,
     progress: bool = False,
+    dtype: Any = None,
     process_group: Any = None,
     shard: Any = None,
     sharding: Any = None,
@@ -94,6 +96,9 @@ def load(
     backend: "auto" (default, or $FST_BACKEND), "pread", "direct" or "mmap".
     threads: I/O threads (default: $FST_THREADS, else the usable CPUs).
     progress: show a progress bar on a terminal.
+    dtype: convert while loading: one dtype for every floating-point tensor ("bf16",
+      torch.float16, ...), or a mapping of name patterns to dtypes (integer tensors change only
+      when a pattern names them). Bit-identical to torch's tensor.to().
     process_group, shard (torch): load across the ranks of a torch.distributed group, each
       byte read once; `shard` maps name patterns to the dimension to split (see fst.distributed).
     sharding, mesh, replicate_rest (jax): build sharded jax.Arrays, each process reading only
@@ -107,7 +112,7 @@ def load(
         return special.load(path, device=device, keys=_patterns(keys), backend=_backend(backend),
                             threads=_threads(threads), progress=progress)
     ckpt = open_checkpoint(path, threads)
-    selection = ckpt.select(_patterns(keys))
+    selection = ckpt.select(_patterns(keys)).with_dtypes(*dtype_rules(dtype))
     pending = start_load(adapter, selection, device, _backend(backend), _threads(threads))
     callback, close = make_progress(progress, selection.nbytes, "fst load")
     try:
@@ -128,6 +133,7 @@ def iter_tensors(
     threads: Optional[int] = None,
     progress: bool = False,
     budget: Optional[int] = None,
+    dtype: Any = None,
     process_group: Any = None,
     shard: Any = None,
     sharding: Any = None,
@@ -151,7 +157,7 @@ def iter_tensors(
         return special.iter_tensors(path, device=device, keys=_patterns(keys), backend=_backend(backend),
                                     threads=_threads(threads), progress=progress, budget=budget)
     ckpt = open_checkpoint(path, threads)
-    selection = ckpt.select(_patterns(keys))
+    selection = ckpt.select(_patterns(keys)).with_dtypes(*dtype_rules(dtype))
     groups = selection.split(budget)
     return _stream(adapter, device, groups, _backend(backend), _threads(threads), progress, selection.nbytes)
 

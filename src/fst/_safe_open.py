@@ -6,6 +6,7 @@ import operator
 from typing import Any, Optional
 
 from ._api import _backend, open_checkpoint
+from ._dtypes import dtype_rules
 from ._paths import PathArg
 from .adapters import get_adapter, start_load
 from .errors import FstError
@@ -19,15 +20,17 @@ class safe_open:  # noqa: N801 - the name is the reference's
     zero-copy views of a private mapping; otherwise each tensor is read into memory of its own.
     """
 
-    def __init__(self, filename: PathArg, framework: str, device: Any = "cpu", *, backend: Optional[str] = None) -> None:
+    def __init__(self, filename: PathArg, framework: str, device: Any = "cpu", *, backend: Optional[str] = None,
+                 dtype: Any = None) -> None:
         self._adapter = get_adapter(framework)
         self._adapter.check_device(device)
         self._device = device
         self._ckpt = open_checkpoint(filename)
         self._backend = _backend(backend)
+        self._rules = dtype_rules(dtype)
         self._source = self._ckpt.source(
             "auto" if self._adapter.cuda_index(device) is not None else self._backend,
-            self._adapter.alignment, self._adapter.view_alignment, True,
+            self._adapter.alignment, self._adapter.view_alignment, True, *self._rules,
         )
         self._closed = False
 
@@ -72,6 +75,7 @@ class safe_open:  # noqa: N801 - the name is the reference's
         dtype, shape, _, _ = self._ckpt.info(name)
         rows = shape[0] if shape else 1
         selection = self._ckpt.select_rows([(name, lo or 0, (rows if hi is None else hi) - (lo or 0))])
+        selection = selection.with_dtypes(*self._rules)
         loaded = start_load(self._adapter, selection, self._device, self._backend, 0).wait()
         return next(iter(self._adapter.export(loaded, self._device).values()))
 

@@ -47,7 +47,10 @@ struct LoadedTensors {
   std::vector<std::byte*> data;
   std::vector<std::uint32_t> owner_of;
   std::vector<std::shared_ptr<Buffer>> owners;
-  ExportDevice device;  // where data[] points: host memory unless a device load
+  std::vector<Dtype> dtypes;  // each tensor's dtype as delivered (after any conversion)
+  // Conversions left to the framework (device loads): tensor index and dtype wanted.
+  std::vector<std::pair<std::uint32_t, Dtype>> casts;
+  ExportDevice device;        // where data[] points: host memory unless a device load
   LoadStats stats;
 };
 
@@ -65,8 +68,9 @@ class AsyncLoad {
 // A load into host memory through one of the CPU backends.
 class PendingLoad final : public AsyncLoad {
  public:
+  // `targets` (empty: none) gives each pick the dtype to convert it to after reading.
   PendingLoad(std::shared_ptr<const Checkpoint> ckpt, std::vector<Pick> selection,
-              const ReadOptions& options);
+              const ReadOptions& options, std::vector<Dtype> targets = {});
   ~PendingLoad();
   PendingLoad(const PendingLoad&) = delete;
   PendingLoad& operator=(const PendingLoad&) = delete;
@@ -81,6 +85,7 @@ class PendingLoad final : public AsyncLoad {
 
   std::shared_ptr<const Checkpoint> ckpt_;
   ReadOptions opt_;
+  std::vector<Dtype> targets_;
   LoadedTensors result_;
   std::unique_ptr<ThreadPool> pool_;
   TaskGroup group_;

@@ -55,8 +55,9 @@ unsigned staging_buffer_count(const StagingOptions& opt) noexcept;
 class StagedLoad final : public AsyncLoad {
  public:
   using SinkFactory = std::function<std::unique_ptr<StagingSink>(std::uint64_t arena_bytes)>;
+  // `targets` (empty: none): dtypes wanted per pick, reported in LoadedTensors::casts.
   StagedLoad(std::shared_ptr<const Checkpoint> ckpt, std::vector<Pick> selection,
-             const StagingOptions& options, const SinkFactory& make_sink);
+             const StagingOptions& options, const SinkFactory& make_sink, const std::vector<Dtype>& targets = {});
   ~StagedLoad();
   StagedLoad(const StagedLoad&) = delete;
   StagedLoad& operator=(const StagedLoad&) = delete;

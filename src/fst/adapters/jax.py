@@ -14,6 +14,10 @@ from ..errors import UnsupportedError
 from ._dtypes import table
 
 _NO_BYTES: list[bool] = table(lambda n: False)
+_CAST_TO = {
+    "F64": jnp.float64, "F32": jnp.float32, "F16": jnp.float16, "BF16": jnp.bfloat16,
+    "F8_E4M3": jnp.float8_e4m3fn, "F8_E5M2": jnp.float8_e5m2,
+}
 
 
 def _jax_device(device: Any) -> Any:
@@ -55,7 +59,10 @@ class JaxAdapter:
 
     def export(self, loaded: _core.Loaded, device: Any) -> dict[str, jax.Array]:
         dev = _jax_device(device)
-        return {name: self._wrap(name, t, dev) for name, t in loaded.to_dlpack(_NO_BYTES)}
+        items = [(name, self._wrap(name, t, dev)) for name, t in loaded.to_dlpack(_NO_BYTES)]
+        for i, target in loaded.casts:  # device loads: conversion on the device, by XLA
+            items[i] = (items[i][0], items[i][1].astype(_CAST_TO[target]))
+        return dict(items)
 
     def from_source(self, source: _core.TensorSource, name: str, lo: int | None, hi: int | None, device: Any) -> jax.Array:
         return self._wrap(name, source.tensor(name, lo, hi, _NO_BYTES), _jax_device(device))

@@ -21,6 +21,10 @@ _FLOAT4 = getattr(torch, "float4_e2m1fn_x2", None)
 _VIEW_AFTER = {"F4": _FLOAT4} if _FLOAT4 is not None else {}
 _BYTES_FOR: list[bool] = table(lambda n: n in _VIEW_AFTER)
 _from_capsule = torch.utils.dlpack.from_dlpack  # takes a DLPack capsule as it is
+_CAST_TO = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
 
 
 def _torch_device(device: Any) -> torch.device:
@@ -67,6 +71,8 @@ class TorchAdapter:
             raise
         for i in as_bytes:  # F4: packed bytes, re-typed
             tensors[i] = tensors[i].view(_FLOAT4)
+        for i, target in loaded.casts:  # device loads: conversion on the device, by torch
+            tensors[i] = tensors[i].to(_CAST_TO[target])
         return dict(zip(names, tensors))
 
     def from_source(self, source: _core.TensorSource, name: str, lo: int | None, hi: int | None, device: Any) -> torch.Tensor:

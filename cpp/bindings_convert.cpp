@@ -1,0 +1,129 @@
+// Python bindings of the host dtype conversion: fst._core.convert and
+// fst._core.conversion_supported. Registered by fst_register_convert(), called from the module
+// definition in bindings.cpp.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <thread>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#include "fst/convert.hpp"
+#include "fst/dtype.hpp"
+#include "fst/errors.hpp"
+
+namespace py = pybind11;
+
+namespace {
+
+fst::Dtype parse_dtype(const std::string& name) {
+  const auto d = fst::dtype_from_name(name);
+  if (!d) throw py::value_error("unknown dtype '" + name + "'");
+  return *d;
+}
+
+// A contiguous view of an object with the buffer protocol, released on scope exit.
+class BufferView {
+ public:
+  BufferView(const py::handle& obj, bool writable) {
+    const int flags = writable ? PyBUF_WRITABLE : PyBUF_SIMPLE;
+    if (PyObject_GetBuffer(obj.ptr(), &view_, flags) != 0) throw py::error_already_set();
+  }
+  ~BufferView() { PyBuffer_Release(&view_); }
+  BufferView(const BufferView&) = delete;
+  BufferView& operator=(const BufferView&) = delete;
+  void* data() const { return view_.buf; }
+  std::size_t size() const { return static_cast<std::size_t>(view_.len); }
+
+ private:
+  Py_buffer view_{};
+};
+
+// Fresh output memory is first touched by the conversion, and page faults can cost as much as
+// the conversion itself: ask for transparent huge pages on the 2 MiB-aligned interior of a
+// large buffer (advice only; ignored where unsupported).
+void advise_huge_pages(void* p, std::size_t n) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr std::uintptr_t kHuge = std::uintptr_t{1} << 21;
+  if (n < 4 * kHuge) return;
+  const auto begin = (reinterpret_cast<std::uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
+  const auto end = (reinterpret_cast<std::uintptr_t>(p) + n) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)p;
+  (void)n;
+#endif
+}
+
+py::object convert(const py::object& src, const std::string& src_dtype,
+                   const std::string& dst_dtype, int threads, const py::object& out) {
+  fst::Dtype from = parse_dtype(src_dtype);
+  fst::Dtype to = parse_dtype(dst_dtype);
+  if (threads < 0) throw py::value_error("threads must be >= 0");
+  if (!fst::conversion_supported(from, to))
+    throw fst::UnsupportedError("conversion from " + src_dtype + " to " + dst_dtype +
+                                " is not supported");
+  BufferView in(src, false);
+  std::size_t count = 0, out_bytes = in.size();
+  if (from != to) {
+    const std::size_t ss = fst::dtype_bits(from) / 8;
+    if (in.size() % ss != 0)
+      throw py::value_error("buffer of " + std::to_string(in.size()) +
+                            " bytes is not a whole number of " + src_dtype + " elements");
+    count = in.size() / ss;
+    out_bytes = count * (fst::dtype_bits(to) / 8);
+  } else {
+    // Copy the bytes as they are (sub-byte dtypes included, whatever their packing).
+    count = out_bytes;
+    from = to = fst::Dtype::U8;
+  }
+
+  py::object result;
+  void* dst = nullptr;
+  std::unique_ptr<BufferView> out_view;
+  if (out.is_none()) {
+    PyObject* raw = PyByteArray_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(out_bytes));
+    if (!raw) throw py::error_already_set();
+    result = py::reinterpret_steal<py::object>(raw);
+    dst = PyByteArray_AS_STRING(raw);
+    advise_huge_pages(dst, out_bytes);
+  } else {
+    out_view = std::make_unique<BufferView>(out, true);
+    if (out_view->size() != out_bytes)
+      throw py::value_error("out has " + std::to_string(out_view->size()) + " bytes, " +
+                            std::to_string(out_bytes) + " needed");
+    result = out;
+    dst = out_view->data();
+  }
+
+  unsigned nt = static_cast<unsigned>(threads);
+  if (nt == 0) nt = std::thread::hardware_concurrency();
+  if (count) {
+    py::gil_scoped_release nogil;
+    fst::convert_host(in.data(), from, dst, to, count, nt);
+  }
+  return result;
+}
+
+}  // namespace
+
+void fst_register_convert(py::module_& m) {
+  m.def("convert", &convert, py::arg("src"), py::arg("src_dtype"), py::arg("dst_dtype"),
+        py::arg("threads") = 0, py::arg("out") = py::none(),
+        "Convert the elements of a contiguous buffer from src_dtype to dst_dtype (safetensors\n"
+        "dtype names such as \"BF16\", \"F8_E4M3\"), bit-identical to torch's CPU\n"
+        "tensor.to(). Returns a new bytearray, or writes into `out` (a writable contiguous\n"
+        "buffer of exactly the converted size, not overlapping src) and returns it.\n"
+        "threads=0 uses every hardware thread. The GIL is released while converting.");
+  m.def(
+      "conversion_supported",
+      [](const std::string& src_dtype, const std::string& dst_dtype) {
+        return fst::conversion_supported(parse_dtype(src_dtype), parse_dtype(dst_dtype));
+      },
+      py::arg("src_dtype"), py::arg("dst_dtype"),
+      "Whether convert() supports this pair of dtype names.");
+}

@@ -1,0 +1,283 @@
+// Element-wise dtype conversion arithmetic, shared by the CUDA kernels (cpp/kernels/convert.cu)
+// and the host loops (cpp/src/convert_host.cpp). Everything here is pure bit manipulation plus
+// a handful of float/double operations, so one definition serves both compilers.
+//
+// Reference semantics: PyTorch's CPU `tensor.to(dtype)` on a contiguous tensor (the vectorised
+// AVX2/AVX512 code path), bit for bit, including NaN payloads:
+//
+//  * Every conversion that involves a type narrower than F32 goes through F32, exactly as torch
+//    does. In particular F64 -> F16/BF16/F8 rounds twice (F64 -> F32 -> target), each step
+//    round-to-nearest-even.
+//  * F64 <-> F32, F16 -> F32 and E5M2 -> F32 behave like the x86 conversion instructions: a NaN
+//    keeps its sign, is made quiet and keeps the top bits of its payload.
+//  * BF16 -> F32 is a plain 16-bit shift (a signalling NaN stays signalling), and E4M3 -> F32 is
+//    the direct bit mapping (its single NaN, S.1111.111, becomes S|0x7FF00000).
+//  * E8M0 -> F32: 0xFF (NaN) becomes 0x7F800001, code 0 becomes 2^-127 (0x00400000).
+//  * F32 -> F16 follows VCVTPS2PH: NaN -> sign|0x7E00|payload>>13; overflow -> infinity.
+//  * F32/F64 -> BF16: NaN -> 0xFFFF whatever its sign; every other source -> BF16 maps NaN to
+//    0x7FC0 (torch converts those through a different routine).
+//  * -> F8_E4M3 (torch float8_e4m3fn, which has no infinity): NaN -> S|0x7F; +-inf and every
+//    finite value that would round past 448 (|x| > 464) saturate to S|0x7E (+-448); otherwise
+//    round to nearest even, subnormals included. (This is torch 2.13's rule; torch releases
+//    before the change turned overflow and infinity into NaN.)
+//  * -> F8_E5M2: NaN -> S|0x7F; |x| >= 61440 (max 57344 plus half an ulp) -> S|0x7C (inf).
+//
+// Host callers must run with the default floating-point environment (no FTZ/DAZ): the host
+// loops set it themselves. CUDA code must be compiled without -ftz=true / --use_fast_math.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "fst/dtype.hpp"
+
+#if defined(__CUDACC__)
+#define FST_HD __host__ __device__ __forceinline__
+#else
+#define FST_HD inline
+#endif
+
+namespace fst::detail::cvt {
+
+// ---- bit casts ---------------------------------------------------------------------------
+FST_HD std::uint32_t bits_of(float f) {
+  std::uint32_t u;
+  memcpy(&u, &f, sizeof u);
+  return u;
+}
+FST_HD std::uint64_t bits_of(double d) {
+  std::uint64_t u;
+  memcpy(&u, &d, sizeof u);
+  return u;
+}
+FST_HD float f32_from(std::uint32_t u) {
+  float f;
+  memcpy(&f, &u, sizeof f);
+  return f;
+}
+FST_HD double f64_from(std::uint64_t u) {
+  double d;
+  memcpy(&d, &u, sizeof d);
+  return d;
+}
+
+// ---- which conversions exist -------------------------------------------------------------
+// Floating types convertible in both directions among themselves.
+FST_HD constexpr bool is_convertible_float(Dtype d) {
+  return d == Dtype::F64 || d == Dtype::F32 || d == Dtype::F16 || d == Dtype::BF16 ||
+         d == Dtype::F8_E4M3 || d == Dtype::F8_E5M2;
+}
+// F8_E8M0 (a power-of-two scale) only widens: to F16, BF16, F32, F64.
+FST_HD constexpr bool pair_supported(Dtype from, Dtype to) {
+  if (from == to) return true;  // a copy, for every dtype
+  if (is_convertible_float(from) && is_convertible_float(to)) return true;
+  return from == Dtype::F8_E8M0 &&
+         (to == Dtype::F16 || to == Dtype::BF16 || to == Dtype::F32 || to == Dtype::F64);
+}
+
+// Bits per element, usable on the device (mirrors fst::dtype_bits).
+FST_HD constexpr unsigned bits_per_element(Dtype d) {
+  switch (d) {
+    case Dtype::F4: return 4;
+    case Dtype::F6_E2M3:
+    case Dtype::F6_E3M2: return 6;
+    case Dtype::I16:
+    case Dtype::U16:
+    case Dtype::F16:
+    case Dtype::BF16: return 16;
+    case Dtype::I32:
+    case Dtype::U32:
+    case Dtype::F32: return 32;
+    case Dtype::C64:
+    case Dtype::F64:
+    case Dtype::I64:
+    case Dtype::U64: return 64;
+    default: return 8;
+  }
+}
+
+// Storage type of one element of a convertible dtype.
+template <Dtype D> struct Storage;
+template <> struct Storage<Dtype::F64> { using type = std::uint64_t; };
+template <> struct Storage<Dtype::F32> { using type = std::uint32_t; };
+template <> struct Storage<Dtype::F16> { using type = std::uint16_t; };
+template <> struct Storage<Dtype::BF16> { using type = std::uint16_t; };
+template <> struct Storage<Dtype::F8_E4M3> { using type = std::uint8_t; };
+template <> struct Storage<Dtype::F8_E5M2> { using type = std::uint8_t; };
+template <> struct Storage<Dtype::F8_E8M0> { using type = std::uint8_t; };
+template <Dtype D> using storage_t = typename Storage<D>::type;
+
+// ---- narrow -> F32 (results are F32 bit patterns) -----------------------------------------
+// The branches below are written as selects between values that are all computed, so that
+// compilers turn the loops that call them into SIMD code.
+
+FST_HD std::uint32_t f16_to_f32(std::uint32_t h) {
+  const std::uint32_t sign = (h & 0x8000u) << 16;
+  const std::uint32_t e = (h >> 10) & 0x1Fu;
+  const std::uint32_t m = h & 0x3FFu;
+  const std::uint32_t normal = ((e + 112u) << 23) | (m << 13);
+  const std::uint32_t special = 0x7F800000u | (m << 13) | (m != 0 ? 0x00400000u : 0u);
+  // Subnormal (or zero): m * 2^-24, exact and a normal F32 (no subnormal arithmetic).
+  const std::uint32_t sub = bits_of(static_cast<float>(static_cast<std::int32_t>(m)) * 0x1p-24f);
+  const std::uint32_t mag = e == 0 ? sub : (e == 31u ? special : normal);
+  return sign | mag;
+}
+
+FST_HD std::uint32_t bf16_to_f32(std::uint32_t h) { return h << 16; }
+
+FST_HD std::uint32_t e4m3_to_f32(std::uint32_t b) {
+  const std::uint32_t sign = (b & 0x80u) << 24;
+  const std::uint32_t e = (b >> 3) & 0xFu;
+  const std::uint32_t m = b & 0x7u;
+  const std::uint32_t normal = ((e + 120u) << 23) | (m << 20);
+  const std::uint32_t sub = bits_of(static_cast<float>(static_cast<std::int32_t>(m)) * 0x1p-9f);
+  const std::uint32_t mag = (b & 0x7Fu) == 0x7Fu ? 0x7FF00000u : (e == 0 ? sub : normal);
+  return sign | mag;
+}
+
+// E5M2 is the top byte of an F16; torch converts it through F16 -> F32 (NaNs made quiet).
+FST_HD std::uint32_t e5m2_to_f32(std::uint32_t b) { return f16_to_f32(b << 8); }
+
+FST_HD std::uint32_t e8m0_to_f32(std::uint32_t b) {
+  return b == 0xFFu ? 0x7F800001u : (b == 0 ? 0x00400000u : b << 23);
+}
+
+FST_HD std::uint32_t f64_to_f32(std::uint64_t d) {
+  const std::uint64_t a = d & 0x7FFFFFFFFFFFFFFFull;
+  const std::uint32_t nan = static_cast<std::uint32_t>(d >> 32 & 0x80000000u) | 0x7FC00000u |
+                            static_cast<std::uint32_t>(d >> 29 & 0x7FFFFFu);
+  // Magnitudes up to 2^-150 round to zero; passing them as signed zeros keeps subnormal
+  // operands (slow on many CPUs) out of the conversion.
+  const std::uint64_t in = a <= 0x3690000000000000ull ? d & 0x8000000000000000ull : d;
+  const std::uint32_t rounded = bits_of(static_cast<float>(f64_from(in)));
+  return a > 0x7FF0000000000000ull ? nan : rounded;
+}
+
+// ---- F32 -> other (input is an F32 bit pattern) -------------------------------------------
+
+FST_HD std::uint64_t f32_to_f64(std::uint32_t u) {
+  const std::uint64_t nan = (static_cast<std::uint64_t>(u & 0x80000000u) << 32) |
+                            0x7FF8000000000000ull |
+                            (static_cast<std::uint64_t>(u & 0x7FFFFFu) << 29);
+  const std::uint64_t sign = static_cast<std::uint64_t>(u & 0x80000000u) << 32;
+  const bool small = (u & 0x7F800000u) == 0;  // zero or subnormal
+  const std::uint64_t widened = bits_of(static_cast<double>(f32_from(small ? 0u : u)));
+  // Subnormal: m * 2^-149, exact from integer arithmetic (no subnormal operand).
+  const std::uint64_t sub =
+      sign | bits_of(static_cast<double>(static_cast<std::int32_t>(u & 0x7FFFFFu)) * 0x1p-149);
+  return (u & 0x7FFFFFFFu) > 0x7F800000u ? nan : (small ? sub : widened);
+}
+
+FST_HD std::uint32_t f32_to_f16(std::uint32_t u) {
+  const std::uint32_t sign = (u >> 16) & 0x8000u;
+  const std::uint32_t a = u & 0x7FFFFFFFu;
+  // Normal F16 range: rebias the exponent, round the 13 dropped bits to nearest even, and
+  // clamp everything that carried past the largest finite value (and +inf) to infinity.
+  std::uint32_t r = a - (112u << 23);
+  r = (r + 0xFFFu + ((r >> 13) & 1u)) >> 13;
+  r = r > 0x7C00u ? 0x7C00u : r;
+  // Below 2^-14: adding 0.5f leaves the value in units of 2^-24 in the low mantissa bits,
+  // rounded to nearest even by the FPU. Magnitudes below 2^-25 give 0 and are passed as 0
+  // (no subnormal operands: they are slow on many CPUs).
+  const std::uint32_t sub = bits_of(f32_from(a < 0x33000000u ? 0u : a) + 0.5f) - 0x3F000000u;
+  const std::uint32_t nan = 0x7E00u | ((a >> 13) & 0x3FFu);
+  const std::uint32_t mag = a > 0x7F800000u ? nan : (a < 0x38800000u ? sub : r);
+  return sign | mag;
+}
+
+FST_HD std::uint32_t f32_to_bf16(std::uint32_t u, std::uint32_t nan_bits) {
+  const std::uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return (u & 0x7FFFFFFFu) > 0x7F800000u ? nan_bits : r;
+}
+
+FST_HD std::uint32_t f32_to_e4m3(std::uint32_t u) {
+  const std::uint32_t sign = (u >> 24) & 0x80u;
+  const std::uint32_t a = u & 0x7FFFFFFFu;
+  // Below 2^-6 (subnormal E4M3): 2^14 has an ulp of 2^-9, the E4M3 subnormal step. Below
+  // 2^-10 the result is 0, and the operand is passed as 0 (see f32_to_f16).
+  const std::uint32_t sub = bits_of(f32_from(a < 0x3A800000u ? 0u : a) + 0x1p14f) - (141u << 23);
+  // Normal range; a value that rounds up into the NaN code (above 464) saturates to 448.
+  std::uint32_t normal = (a - (120u << 23) + 0x7FFFFu + ((a >> 20) & 1u)) >> 20;
+  normal = normal > 0x7Eu ? 0x7Eu : normal;
+  // 480 and above, and infinity, saturate too (e4m3fn has no infinity); NaN stays NaN.
+  const std::uint32_t big = a > 0x7F800000u ? 0x7Fu : 0x7Eu;
+  const std::uint32_t mag = a >= 0x43F00000u ? big : (a < (121u << 23) ? sub : normal);
+  return sign | mag;
+}
+
+FST_HD std::uint32_t f32_to_e5m2(std::uint32_t u) {
+  const std::uint32_t sign = (u >> 24) & 0x80u;
+  const std::uint32_t a = u & 0x7FFFFFFFu;
+  // Below 2^-14 (subnormal E5M2): 2^7 has an ulp of 2^-16, the E5M2 subnormal step. Below
+  // 2^-17 the result is 0, and the operand is passed as 0 (see f32_to_f16).
+  const std::uint32_t sub = bits_of(f32_from(a < 0x37000000u ? 0u : a) + 0x1p7f) - (134u << 23);
+  const std::uint32_t normal = (a - (112u << 23) + 0xFFFFFu + ((a >> 21) & 1u)) >> 21;
+  const std::uint32_t big = a > 0x7F800000u ? 0x7Fu : 0x7Cu;  // NaN stays NaN, else inf
+  const std::uint32_t mag = a >= 0x47800000u ? big : (a < (113u << 23) ? sub : normal);
+  return sign | mag;
+}
+
+// ---- composition -------------------------------------------------------------------------
+
+template <Dtype S>
+FST_HD std::uint32_t to_f32(storage_t<S> x) {
+  if constexpr (S == Dtype::F32) return x;
+  else if constexpr (S == Dtype::F64) return f64_to_f32(x);
+  else if constexpr (S == Dtype::F16) return f16_to_f32(x);
+  else if constexpr (S == Dtype::BF16) return bf16_to_f32(x);
+  else if constexpr (S == Dtype::F8_E4M3) return e4m3_to_f32(x);
+  else if constexpr (S == Dtype::F8_E5M2) return e5m2_to_f32(x);
+  else return e8m0_to_f32(x);
+}
+
+// `S` matters only for BF16, whose NaN depends on where the value came from.
+template <Dtype S, Dtype D>
+FST_HD storage_t<D> from_f32(std::uint32_t u) {
+  if constexpr (D == Dtype::F32) return u;
+  else if constexpr (D == Dtype::F64) return f32_to_f64(u);
+  else if constexpr (D == Dtype::F16) return static_cast<std::uint16_t>(f32_to_f16(u));
+  else if constexpr (D == Dtype::BF16)
+    return static_cast<std::uint16_t>(
+        f32_to_bf16(u, (S == Dtype::F32 || S == Dtype::F64) ? 0xFFFFu : 0x7FC0u));
+  else if constexpr (D == Dtype::F8_E4M3) return static_cast<std::uint8_t>(f32_to_e4m3(u));
+  else return static_cast<std::uint8_t>(f32_to_e5m2(u));
+}
+
+// One element, as bits. Valid for every (S, D) with pair_supported(S, D) and both storage types
+// defined; S == D is the identity.
+template <Dtype S, Dtype D>
+FST_HD storage_t<D> convert(storage_t<S> x) {
+  if constexpr (S == D) return x;
+  else return from_f32<S, D>(to_f32<S>(x));
+}
+
+// Calls f.template operator()<S, D>() for a supported, non-identity pair and returns true;
+// returns false for anything else. Lets host and device code instantiate per-pair loops from
+// run-time dtype codes without spelling out the table twice.
+template <class F>
+FST_HD bool dispatch_pair(Dtype s, Dtype d, F&& f) {
+#define FST_CVT_CASE(S_, D_)                              \
+  if (s == Dtype::S_ && d == Dtype::D_) {                 \
+    f.template operator()<Dtype::S_, Dtype::D_>();        \
+    return true;                                          \
+  }
+#define FST_CVT_FROM(S_)                                                              \
+  FST_CVT_CASE(S_, F64) FST_CVT_CASE(S_, F32) FST_CVT_CASE(S_, F16) FST_CVT_CASE(S_, BF16) \
+  FST_CVT_CASE(S_, F8_E4M3) FST_CVT_CASE(S_, F8_E5M2)
+  if (s == d) return false;
+  FST_CVT_FROM(F64)
+  FST_CVT_FROM(F32)
+  FST_CVT_FROM(F16)
+  FST_CVT_FROM(BF16)
+  FST_CVT_FROM(F8_E4M3)
+  FST_CVT_FROM(F8_E5M2)
+  FST_CVT_CASE(F8_E8M0, F64)
+  FST_CVT_CASE(F8_E8M0, F32)
+  FST_CVT_CASE(F8_E8M0, F16)
+  FST_CVT_CASE(F8_E8M0, BF16)
+#undef FST_CVT_FROM
+#undef FST_CVT_CASE
+  return false;
+}
+
+}  // namespace fst::detail::cvt

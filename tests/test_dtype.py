@@ -1,0 +1,94 @@
+"""dtype= conversion while loading: bit for bit what torch's tensor.to() gives."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import fst
+from checkpoints import raw_bytes, write
+from fst.adapters import get_adapter
+
+FLOATS = ["F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"]
+TORCH = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "F8_E8M0": torch.float8_e8m0fnu,
+}
+
+
+@pytest.fixture(scope="module")
+def floats(tmp_path_factory):
+    """Every float dtype with random bit patterns (NaNs, infinities, subnormals included)."""
+    path = tmp_path_factory.mktemp("dtype") / "m.safetensors"
+    tensors = [(d, d, [3, 1001]) for d in FLOATS + ["F8_E8M0"]] + [("ints", "I32", [17]), ("flag", "BOOL", [5])]
+    return write(path, tensors, prefix=b"\x01")
+
+
+@pytest.mark.parametrize("target", FLOATS)
+@pytest.mark.parametrize("backend", ["auto", "pread"])
+def test_every_float_to_every_float(floats, target, backend):
+    # F8_E8M0 (exponent-only scales) converts to wider floats only.
+    keys = None if target in ("F64", "F32", "F16", "BF16") else [n for n in FLOATS + ["ints", "flag"]]
+    ref = fst.load(floats, framework="torch", backend="pread", keys=keys)
+    got = fst.load(floats, framework="torch", dtype=target, backend=backend, keys=keys)
+    assert sorted(got) == sorted(ref)
+    for name, t in got.items():
+        want = ref[name].to(TORCH[target]) if ref[name].is_floating_point() else ref[name]
+        assert t.dtype == want.dtype, name
+        assert raw_bytes(t) == raw_bytes(want), f"{name} -> {target}"
+        if t.dtype != ref[name].dtype:  # converted: placed by fst
+            assert t.data_ptr() % 64 == 0, name
+
+
+def test_dtype_spellings_and_frameworks(floats):
+    ref = fst.load(floats, framework="torch", keys=["BF16"])["BF16"].to(torch.float32)
+    for spec in ("F32", "f32", "float32", "fp32", torch.float32, np.float32, np.dtype("float32")):
+        got = fst.load(floats, framework="torch", keys=["BF16"], dtype=spec)["BF16"]
+        assert raw_bytes(got) == raw_bytes(ref)
+    assert raw_bytes(fst.load(floats, keys=["BF16"], dtype="f32")["BF16"]) == raw_bytes(ref)
+    jax = pytest.importorskip("jax")
+    arr = fst.load(floats, framework="jax", keys=["BF16"], dtype="f32")["BF16"]
+    assert isinstance(arr, jax.Array) and raw_bytes(arr) == raw_bytes(ref)
+
+
+def test_rules_by_pattern(floats):
+    got = fst.load(floats, framework="torch", dtype={"F3*": "bf16", "F16": torch.float32})
+    ref = fst.load(floats, framework="torch")
+    assert got["F32"].dtype == torch.bfloat16 and got["F16"].dtype == torch.float32
+    assert got["BF16"].dtype == torch.bfloat16 and got["ints"].dtype == torch.int32  # untouched
+    assert raw_bytes(got["F32"]) == raw_bytes(ref["F32"].to(torch.bfloat16))
+
+
+def test_streaming_and_safe_open_convert(floats):
+    ref = fst.load(floats, framework="torch")
+    streamed = dict(fst.iter_tensors(floats, framework="torch", dtype="f16", budget=5000))
+    for name, t in streamed.items():
+        want = ref[name].to(torch.float16) if ref[name].is_floating_point() else ref[name]
+        assert raw_bytes(t) == raw_bytes(want), name
+    with fst.safe_open(floats, "pt", dtype="f32") as f:
+        assert raw_bytes(f.get_tensor("F8_E4M3")) == raw_bytes(ref["F8_E4M3"].to(torch.float32))
+        assert raw_bytes(f.get_slice("BF16")[1:3, 5:9]) == raw_bytes(ref["BF16"][1:3, 5:9].to(torch.float32))
+
+
+def test_device_style_casts_are_done_by_the_framework(floats):
+    """Loads into device memory report the conversions left to the framework; the torch
+    adapter applies them (checked here through the host staging engine)."""
+    ref = fst.load(floats, framework="torch")
+    selection = fst.open_checkpoint(floats).select(None).with_dtypes("F32", [])
+    loaded = selection.start_staged(-1, "pread", 2, 256, 1 << 20, 1 << 16).wait()
+    assert {i for i, _ in loaded.casts} and all(t == "F32" for _, t in loaded.casts)
+    got = get_adapter("torch").export(loaded, "cpu")
+    for name, t in got.items():
+        want = ref[name].to(torch.float32) if ref[name].is_floating_point() else ref[name]
+        assert raw_bytes(t) == raw_bytes(want), name
+
+
+def test_conversion_errors(floats, tmp_path):
+    with pytest.raises(fst.UnsupportedError, match="tensor 'ints': no conversion from I32 to F32"):
+        fst.load(floats, dtype={"ints": "f32"})
+    with pytest.raises(ValueError, match="not a dtype"):
+        fst.load(floats, dtype="complex128")
+    f4 = write(tmp_path / "f4.safetensors", [("w", "F4", [2, 4])])
+    with pytest.raises(fst.UnsupportedError, match="from F4"):
+        fst.load(f4, framework="torch", dtype="bf16")
