@@ -10,6 +10,7 @@
 #include <unordered_map>
 
 #include "detail/dlpack_abi.hpp"
+#include "detail/fatbin.hpp"
 #include "detail/posix_file.hpp"
 #include "fst/cuda.hpp"
 #include "fst/errors.hpp"
@@ -434,6 +435,15 @@ PYBIND11_MODULE(_core, m) {
   m.attr("HAVE_KERNELS") = false;
 #endif
   m.def("default_threads", &ThreadPool::default_threads);
+  m.def("kernel_images", [] {
+    py::list out;  // (kernel file, fatbin bytes) embedded in this build
+    for (std::size_t i = 0; i < kernels::kFatbinCount; ++i) {
+      const auto& img = kernels::kFatbins[i];
+      out.append(py::make_tuple(img.name, py::bytes(reinterpret_cast<const char*>(img.begin),
+                                                    static_cast<std::size_t>(img.end - img.begin))));
+    }
+    return out;
+  });
   m.def("dtype_bits", [](const std::string& name) {
     auto d = dtype_from_name(name);
     if (!d) throw py::value_error("unknown dtype '" + name + "'");

@@ -5,8 +5,6 @@ Marked `gpu`; skipped without a CUDA device. scripts/gpu_check.sh runs them on a
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 import fst
@@ -127,10 +125,3 @@ def test_iter_tensors_on_cuda(tmp_path):
     assert sorted(streamed) == sorted(ref)
     for name, t in streamed.items():
         assert raw_bytes(t) == raw_bytes(ref[name])
-
-
-@pytest.mark.skipif(os.environ.get("FST_GPU_PERF") != "1", reason="throughput check only in scripts/gpu_check.sh")
-def test_report_runtime_info():
-    info = fst.runtime_info()
-    assert info["cuda_driver"]["available"]
-    print(info)

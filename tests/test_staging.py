@@ -62,3 +62,15 @@ def test_staged_errors(checkpoint, tmp_path):
     os.truncate(small, os.path.getsize(small) // 2)
     with pytest.raises(fst.FstError, match="shorter than its header"):
         plan.select(None).start_staged(-1, "pread", 2, 256, 8192, 4096).wait()
+
+
+def test_kernel_fatbins_are_embedded_when_built():
+    images = dict(fst._core.kernel_images())
+    if not fst._core.HAVE_KERNELS:
+        assert images == {}
+        pytest.skip("built without nvcc (FST_CUDA=OFF or no nvcc): no kernels to check")
+    assert sorted(images) == ["align", "convert"]
+    for name, blob in images.items():
+        # A CUDA fatbin starts with its magic number 0xBA55ED50 (little-endian).
+        assert blob[:4] == b"\x50\xed\x55\xba", name
+        assert len(blob) > 10_000, name

@@ -34,7 +34,12 @@ namespace {
 
 namespace cvt = detail::cvt;
 
-using LoopFn = void (*)(const unsigned char*, unsigned char*, std::size_t);
+// Instruction set extensions the loops may use.
+struct Isa {
+  bool avx2 = false, f16c = false;
+};
+
+using LoopFn = void (*)(const unsigned char*, unsigned char*, std::size_t, const Isa&);
 
 // Elements per block of the staged loop (aligned stack buffers that stay in L1).
 constexpr std::size_t kStageElems = 2048;
@@ -45,6 +50,8 @@ constexpr std::size_t kStreamBytes = std::size_t{4} << 20;
 // Below this many bytes (source plus destination) per thread, extra threads cost more than
 // they bring.
 constexpr std::size_t kMinBytesPerThread = std::size_t{1} << 20;
+// Upper bound on the threads of one call, whatever the caller asks for.
+constexpr std::size_t kMaxThreads = 256;
 
 template <Dtype S, Dtype D>
 using Span = void (*)(const cvt::storage_t<S>*, cvt::storage_t<D>*, std::size_t);
@@ -160,20 +167,22 @@ __attribute__((target("avx2"))) void span_e4m3_to_bf16_avx2(const std::uint8_t* 
   for (; i < n; ++i) dst[i] = cvt::convert<Dtype::F8_E4M3, Dtype::BF16>(src[i]);
 }
 
-struct Cpu {
-  bool avx2, f16c;
-};
+#undef FST_F16C
+#endif
 
-// What the processor offers; FST_CONVERT_BASELINE=1 in the environment (read on each call)
-// restricts the host loops to the portable ones, for testing and comparison.
-Cpu cpu() {
-  static const Cpu detected{__builtin_cpu_supports("avx2") != 0,
+// What the processor offers. FST_CONVERT_BASELINE=1 in the environment (read on each call of
+// convert_host) restricts the host loops to the portable ones, for testing and comparison.
+Isa usable_isa() {
+#if defined(FST_CONVERT_X86)
+  static const Isa detected{__builtin_cpu_supports("avx2") != 0,
                             __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")};
   const char* env = std::getenv("FST_CONVERT_BASELINE");
-  if (env && env[0] && std::strcmp(env, "0") != 0) return Cpu{false, false};
+  if (env && env[0] && std::strcmp(env, "0") != 0) return Isa{};
   return detected;
-}
+#else
+  return Isa{};
 #endif
+}
 
 // 8-bit sources: a 256-entry table of results, filled on first use (under the default
 // floating-point environment: every caller runs inside DefaultFpEnv). As fast as the memory.
@@ -193,17 +202,16 @@ void span_table(const cvt::storage_t<S>* __restrict src, cvt::storage_t<D>* __re
 }
 
 template <Dtype S, Dtype D>
-Span<S, D> pick_span() {
+Span<S, D> pick_span(const Isa& c) {
   if constexpr (sizeof(cvt::storage_t<S>) == 1) {
 #if defined(FST_CONVERT_X86)
     if constexpr (S == Dtype::F8_E4M3 && D == Dtype::BF16) {
-      if (cpu().avx2) return &span_e4m3_to_bf16_avx2;
+      if (c.avx2) return &span_e4m3_to_bf16_avx2;
     }
 #endif
     return &span_table<S, D>;
   } else {
 #if defined(FST_CONVERT_X86)
-    const Cpu c = cpu();
     if constexpr (D == Dtype::F16 && (S == Dtype::F32 || S == Dtype::BF16 || S == Dtype::F64)) {
       if (c.f16c) return &span_to_f16_f16c<S>;
     }
@@ -215,6 +223,7 @@ Span<S, D> pick_span() {
     }
     if (c.avx2) return &span_avx2<S, D>;
 #endif
+    (void)c;
     return &span_baseline<S, D>;
   }
 }
@@ -249,10 +258,10 @@ void end_streaming() {
 // straight through the vectorised loop; misaligned data (the loops only ever see naturally
 // aligned element pointers) and large outputs go block by block through an aligned stage.
 template <Dtype S, Dtype D>
-void convert_loop(const unsigned char* src, unsigned char* dst, std::size_t n) {
+void convert_loop(const unsigned char* src, unsigned char* dst, std::size_t n, const Isa& isa) {
   using SrcT = cvt::storage_t<S>;
   using DstT = cvt::storage_t<D>;
-  const Span<S, D> span = pick_span<S, D>();
+  const Span<S, D> span = pick_span<S, D>(isa);
   const bool src_aligned = reinterpret_cast<std::uintptr_t>(src) % alignof(SrcT) == 0;
   const bool dst_aligned = reinterpret_cast<std::uintptr_t>(dst) % alignof(DstT) == 0;
   const bool stream = n * sizeof(DstT) >= kStreamBytes;
@@ -315,6 +324,7 @@ struct Job {
   const unsigned char* src;
   unsigned char* dst;
   std::size_t src_size, dst_size;
+  Isa isa;
 };
 
 void run_piece(const Job& job, std::size_t begin, std::size_t end) {
@@ -324,7 +334,7 @@ void run_piece(const Job& job, std::size_t begin, std::size_t end) {
     return;
   }
   DefaultFpEnv env;
-  job.fn(job.src + begin * job.src_size, job.dst + begin * job.dst_size, end - begin);
+  job.fn(job.src + begin * job.src_size, job.dst + begin * job.dst_size, end - begin, job.isa);
 }
 
 // Joins every started thread when it goes out of scope, also on the way out of an exception.
@@ -357,6 +367,7 @@ class Workers {
 void run_parallel(const Job& job, std::size_t units, std::size_t bytes_per_unit,
                   unsigned threads, std::size_t grain) {
   std::size_t nt = threads > 1 ? threads : 1;
+  if (nt > kMaxThreads) nt = kMaxThreads;
   const std::size_t by_size = units * bytes_per_unit / kMinBytesPerThread;
   if (nt > by_size) nt = by_size ? by_size : 1;
   if (nt <= 1) {
@@ -400,11 +411,11 @@ void convert_host(const void* src, Dtype from, void* dst, Dtype to, std::size_t 
   auto* d = static_cast<unsigned char*>(dst);
   if (from == to) {
     const std::size_t bytes = (count * dtype_bits(from) + 7) / 8;
-    run_parallel(Job{nullptr, s, d, 1, 1}, bytes, 2, threads, 4096);
+    run_parallel(Job{nullptr, s, d, 1, 1, Isa{}}, bytes, 2, threads, 4096);
     return;
   }
   const std::size_t ss = dtype_bits(from) / 8, ds = dtype_bits(to) / 8;
-  run_parallel(Job{find_loop(from, to), s, d, ss, ds}, count, ss + ds, threads, 64);
+  run_parallel(Job{find_loop(from, to), s, d, ss, ds, usable_isa()}, count, ss + ds, threads, 64);
 }
 
 }  // namespace fst

@@ -7,6 +7,7 @@
 #include <unordered_map>
 
 #include "detail/json_reader.hpp"
+#include "detail/name_index.hpp"
 #include "detail/posix_file.hpp"
 #include "fst/errors.hpp"
 
@@ -56,11 +57,35 @@ void read_u64_list(JsonReader& r, std::vector<std::uint64_t>& out, const char* f
 }
 
 Dtype read_dtype(JsonReader& r, std::string& scratch) {
-  if (r.peek() != '"') {
+  // serde also takes a unit enum variant as a map of one entry to null: {"F32": null}.
+  if (r.consume('{')) {
+    r.enter();
+    std::size_t entries = 0;
+    bool unit = false;
+    std::string key;
+    if (!r.consume('}')) {
+      do {
+        if (r.peek() != '"') r.fail("key must be a string");
+        r.read_string(key);
+        r.expect(':', "':'");
+        if (++entries == 1) {
+          scratch = key;
+          unit = r.consume_literal("null");
+          if (!unit) r.skip_value();
+        } else {
+          r.skip_value();
+        }
+      } while (r.consume(','));
+      r.expect('}', "',' or '}'");
+    }
+    r.leave();
+    if (entries != 1 || !unit) throw SchemaError{"dtype given as a map must be {\"NAME\": null}"};
+  } else if (r.peek() != '"') {
     r.skip_value();
     throw SchemaError{"dtype must be a string"};
+  } else {
+    r.read_string(scratch);
   }
-  r.read_string(scratch);
   auto d = dtype_from_name(scratch);
   if (!d) throw SchemaError{"unknown dtype '" + scratch + "'"};
   return *d;
@@ -176,13 +201,19 @@ void read_metadata(JsonReader& r, FileHeader& h) {
 // Parses the JSON into h.tensors (file order not yet established; duplicates resolved).
 void parse_json(FileHeader& h, std::string_view json) {
   JsonReader r(json);
-  std::string current;  // tensor being read, for error messages
+  std::string key;                        // the entry being read
+  const std::string* current = nullptr;   // the tensor being read, for error messages
   try {
     r.expect('{', "a JSON object");
     r.enter();
     bool seen_metadata = false;
-    std::unordered_map<std::string_view, std::size_t> index;
-    std::string key, scratch;
+    // Indices into h.tensors, by name. Reserving by a typical entry size (~100 bytes of JSON)
+    // avoids regrowing for large headers.
+    const auto& tensors = h.tensors;
+    auto name_of = [&tensors](std::uint32_t i) -> std::string_view { return tensors[i].name; };
+    detail::NameIndex<decltype(name_of)> index(json.size() / 100, name_of);
+    h.tensors.reserve(json.size() / 100 + 16);
+    std::string scratch;
     std::vector<std::uint64_t> offsets;
     if (!r.consume('}')) {
       do {
@@ -192,25 +223,21 @@ void parse_json(FileHeader& h, std::string_view json) {
         if (key == "__metadata__") {
           if (seen_metadata) throw SchemaError{"duplicate field `__metadata__`"};
           seen_metadata = true;
-          current.clear();
           read_metadata(r, h);
           continue;
         }
-        current = key;
+        current = &key;
         TensorEntry t;
         read_tensor(r, t, scratch, offsets);
+        current = nullptr;  // errors after this entry are not about this tensor
         t.name = std::move(key);
         key = std::string();
         // Names are unique in the reference's map; a repeated name replaces the earlier entry.
-        auto it = index.find(t.name);
-        if (it == index.end()) {
-          h.tensors.push_back(std::move(t));
-          index.emplace(h.tensors.back().name, h.tensors.size() - 1);
-        } else {
-          std::size_t slot = it->second;
-          index.erase(it);
-          h.tensors[slot] = std::move(t);
-          index.emplace(h.tensors[slot].name, slot);
+        h.tensors.push_back(std::move(t));
+        auto [slot, inserted] = index.insert(static_cast<std::uint32_t>(h.tensors.size() - 1));
+        if (!inserted) {
+          h.tensors[slot] = std::move(h.tensors.back());
+          h.tensors.pop_back();
         }
       } while (r.consume(','));
       r.expect('}', "',' or '}'");
@@ -218,9 +245,9 @@ void parse_json(FileHeader& h, std::string_view json) {
     r.leave();
     r.finish();
   } catch (const JsonSyntaxError& e) {
-    json_error(h.path, current, e.what(), e.pos());
+    json_error(h.path, current ? *current : std::string(), e.what(), e.pos());
   } catch (const SchemaError& e) {
-    json_error(h.path, current, e.what, r.pos());
+    json_error(h.path, current ? *current : std::string(), e.what, r.pos());
   }
 }
 
@@ -230,9 +257,12 @@ bool mul_overflows(std::uint64_t a, std::uint64_t b, std::uint64_t& out) {
 
 // The reference's validation: in offset order, tensors tile the data buffer exactly.
 void validate(FileHeader& h) {
-  std::stable_sort(h.tensors.begin(), h.tensors.end(), [](const TensorEntry& a, const TensorEntry& b) {
+  auto by_offsets = [](const TensorEntry& a, const TensorEntry& b) {
     return a.begin != b.begin ? a.begin < b.begin : a.end < b.end;
-  });
+  };
+  // Writers usually list tensors in offset order already: then there is nothing to move.
+  if (!std::is_sorted(h.tensors.begin(), h.tensors.end(), by_offsets))
+    std::stable_sort(h.tensors.begin(), h.tensors.end(), by_offsets);
   std::uint64_t start = 0;
   for (const TensorEntry& t : h.tensors) {
     if (t.begin != start || t.end < t.begin)

@@ -1,5 +1,8 @@
 #include "detail/json_reader.hpp"
 
+#include <array>
+#include <cmath>
+#include <cstdlib>
 #include <cstring>
 
 namespace fst::detail {
@@ -123,28 +126,68 @@ void JsonReader::read_string(std::string& out) {
   }
 }
 
+// serde_json, as the reference builds it (without float_roundtrip), turns every number into
+// (significand: u64, exponent: i32) and fails with "number out of range" when
+// significand * 10^exponent overflows f64, even in a field that is then ignored. These mirror
+// its arithmetic: digits past u64 are dropped (integer ones raise the exponent), and only a
+// non-negative exponent can overflow.
+static bool serde_number_in_range(std::uint64_t significand, std::int64_t exponent) {
+  static const auto pow10 = [] {
+    std::array<double, 309> t{};
+    for (int k = 0; k < 309; ++k) t[k] = std::strtod(("1e" + std::to_string(k)).c_str(), nullptr);
+    return t;
+  }();
+  if (exponent < 0 || significand == 0) return true;
+  if (exponent > 308) return false;
+  return !std::isinf(static_cast<double>(significand) * pow10[exponent]);
+}
+
 void JsonReader::skip_number() {
   // -?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?
   auto digit = [&](std::size_t k) { return k < s_.size() && s_[k] >= '0' && s_[k] <= '9'; };
+  std::uint64_t sig = 0;
+  std::int64_t exp = 0;
+  bool sig_full = false;  // a digit did not fit: later ones are dropped
+  auto take = [&](char c) {
+    auto d = static_cast<std::uint64_t>(c - '0');
+    if (!sig_full && sig <= (UINT64_MAX - d) / 10) {
+      sig = sig * 10 + d;
+      return true;
+    }
+    sig_full = true;
+    return false;
+  };
   if (i_ < s_.size() && s_[i_] == '-') ++i_;
   if (!digit(i_)) fail("invalid number");
   if (s_[i_] == '0') {
     ++i_;
     if (digit(i_)) fail("invalid number");
   } else {
-    while (digit(i_)) ++i_;
+    for (; digit(i_); ++i_)
+      if (!take(s_[i_])) ++exp;
   }
   if (i_ < s_.size() && s_[i_] == '.') {
     ++i_;
     if (!digit(i_)) fail("invalid number");
+    // serde_json retries the significand on the first fractional digit even after an
+    // integer digit overflowed it, then stops at the first one that does not fit.
+    sig_full = false;
+    for (; digit(i_); ++i_)
+      if (take(s_[i_])) --exp;
+      else break;
     while (digit(i_)) ++i_;
   }
   if (i_ < s_.size() && (s_[i_] == 'e' || s_[i_] == 'E')) {
     ++i_;
-    if (i_ < s_.size() && (s_[i_] == '+' || s_[i_] == '-')) ++i_;
+    bool negative = false;
+    if (i_ < s_.size() && (s_[i_] == '+' || s_[i_] == '-')) negative = s_[i_++] == '-';
     if (!digit(i_)) fail("invalid number");
-    while (digit(i_)) ++i_;
+    std::int64_t e = 0;
+    for (; digit(i_); ++i_)
+      if (e < 1'000'000'000'000) e = e * 10 + (s_[i_] - '0');
+    exp += negative ? -e : e;
   }
+  if (!serde_number_in_range(sig, exp)) fail("number out of range");
 }
 
 std::optional<std::uint64_t> JsonReader::read_unsigned(const char*& kind) {

@@ -7,14 +7,16 @@
 //   fst_convert_batch(const ConvertTask* tasks, uint32_t n_tasks)     cpp/kernels/convert.cu
 //   fst_move_batch(const MoveTask* tasks, uint32_t n_tasks)           cpp/kernels/align.cu
 //
-// Launch shape: 1-D blocks of any multiple of 32 threads up to kBlockThreads (256, what the
-// kernels are built for), a 1-D grid of any size and no dynamic shared memory. The work of all tasks is
-// cut into chunks of about kChunkBytes and dealt round-robin to the blocks, so the grid size
-// only sets the parallelism; suggested_grid() gives a sensible value.
+// Launch shape: 1-D blocks of up to kBlockThreads (256) threads, best a multiple of 32; a 1-D
+// grid of any size; no dynamic shared memory. The work of all tasks is cut into chunks of
+// about kChunkBytes and dealt round-robin to the blocks, so the grid size only sets the
+// parallelism; suggested_grid() gives a sensible value.
 //
 // Contract shared by both kernels (not checked on the device):
 //  * no destination range overlaps another destination range or any source range of the same
-//    launch; a task whose source and destination are the same address is skipped;
+//    launch (tasks and the pieces of one task run in parallel, in no order); the one exception
+//    is a copy (MoveTask, or ConvertTask with src_dtype == dst_dtype) whose source and
+//    destination are the same address: it is skipped;
 //  * addresses need no particular alignment (16-byte aligned ones are fastest);
 //  * the task array itself is in device memory (or host memory mapped into the device).
 #pragma once
