@@ -293,8 +293,9 @@ def test_non_nan_results_match_ml_dtypes(src, dst):
 # ---- copies, alignment, threads, errors ------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", ["BOOL", "U8", "F4", "F6_E2M3", "I16", "BF16", "F32", "C64", "U64",
-                                   "F8_E8M0"])
+@pytest.mark.parametrize(
+    "dtype", ["BOOL", "U8", "F4", "F6_E2M3", "I16", "BF16", "F32", "C64", "U64", "F8_E8M0"]
+)
 def test_identity_is_a_copy(dtype):
     data = RNG.integers(0, 256, 4096 + 24, dtype=np.uint8)
     out = _core.convert(data, dtype, dtype)
