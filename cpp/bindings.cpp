@@ -73,7 +73,13 @@ struct ExportItem {
   ExportDevice device{};
 };
 
-std::vector<std::int64_t> signed_shape(const std::vector<std::uint64_t>& shape) {
+// Frameworks index with signed 64-bit sizes; the format allows larger dimensions when another
+// one is 0 (an empty tensor), which no framework can represent.
+std::vector<std::int64_t> signed_shape(const std::vector<std::uint64_t>& shape, const std::string& name) {
+  for (std::uint64_t d : shape)
+    if (d > static_cast<std::uint64_t>(INT64_MAX))
+      throw UnsupportedError("tensor '" + name + "': dimension " + std::to_string(d) +
+                             " is larger than frameworks allow (2^63 - 1)");
   return std::vector<std::int64_t>(shape.begin(), shape.end());
 }
 
@@ -198,7 +204,8 @@ struct PyLoaded {
   ExportItem item(std::size_t i) const {
     const Pick& p = loaded.selection[i];
     const Dtype d = loaded.dtypes[i];
-    return ExportItem{loaded.owners[loaded.owner_of[i]], loaded.data[i], d, signed_shape(ckpt->shape(p)), d,
+    return ExportItem{loaded.owners[loaded.owner_of[i]], loaded.data[i], d,
+                      signed_shape(ckpt->shape(p), ckpt->entry(p.ref).name), d,
                       loaded.device};
   }
   // name -> array, or (with as_dict=false) arrays in selection order: a selection of
@@ -338,7 +345,7 @@ struct PySource {
         rows = TensorSource::Rows{arena, arena->data()};
       }
     }
-    return ExportItem{rows.owner, rows.data, to, signed_shape(ckpt->shape(pick)), to};
+    return ExportItem{rows.owner, rows.data, to, signed_shape(ckpt->shape(pick), name), to};
   }
 };
 

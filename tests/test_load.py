@@ -319,3 +319,16 @@ def test_import_pulls_in_no_framework():
 
     code = "import sys, fst; assert 'torch' not in sys.modules and 'jax' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_dimension_beyond_int64_is_a_clear_error(tmp_path):
+    """The format accepts an empty tensor with a dimension >= 2^63; no framework can hold it."""
+    import struct
+
+    header = json.dumps({"e": {"dtype": "F32", "shape": [2**63, 0], "data_offsets": [0, 0]}}).encode()
+    path = tmp_path / "e.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+    assert fst.open_checkpoint(path).info("e")[1] == (2**63, 0)
+    for framework in ("numpy", "torch"):
+        with pytest.raises(fst.UnsupportedError, match="dimension 9223372036854775808"):
+            fst.load(path, framework=framework)
