@@ -169,10 +169,9 @@ PendingLoad::PendingLoad(std::shared_ptr<const Checkpoint> ckpt, std::vector<Pic
 }
 
 PendingLoad::~PendingLoad() {
-  if (!finished_) {
-    group_.cancel();
-    group_.wait_for(-1);
-  }
+  // Tasks still queued or running use this object: stop them first (a no-op once finished).
+  group_.cancel();
+  group_.wait_for(-1);
 }
 
 void PendingLoad::start_views(bool read_ahead) {
@@ -316,16 +315,7 @@ void PendingLoad::start_reads(bool direct) {
 }
 
 LoadedTensors PendingLoad::wait(const std::function<bool()>& tick, int tick_ms) {
-  while (!group_.wait_for(tick ? tick_ms : -1)) {
-    if (!tick()) {
-      group_.cancel();
-      group_.wait_for(-1);
-      finished_ = true;
-      throw Error("load cancelled");
-    }
-  }
-  finished_ = true;
-  group_.rethrow();
+  group_.drive(tick, tick_ms);
   if (!targets_.empty()) convert_loaded(result_, *ckpt_, targets_, *pool_, opt_.alignment);
   pool_.reset();
   files_.reset();  // close descriptors now; mappings stay alive through the owners

@@ -90,10 +90,9 @@ StagedLoad::StagedLoad(std::shared_ptr<const Checkpoint> ckpt, std::vector<Pick>
 }
 
 StagedLoad::~StagedLoad() {
-  if (!finished_) {
-    group_.cancel();
-    group_.wait_for(-1);
-  }
+  // Tasks still queued or running use this object: stop them first (a no-op once finished).
+  group_.cancel();
+  group_.wait_for(-1);
   pool_.reset();
   // Copies still queued read from the staging buffers: let them finish before the sink goes.
   if (sink_)
@@ -162,16 +161,7 @@ void StagedLoad::run_request(const ReadRequest& req) {
 }
 
 LoadedTensors StagedLoad::wait(const std::function<bool()>& tick, int tick_ms) {
-  while (!group_.wait_for(tick ? tick_ms : -1)) {
-    if (!tick()) {
-      group_.cancel();
-      group_.wait_for(-1);
-      finished_ = true;
-      throw Error("load cancelled");
-    }
-  }
-  finished_ = true;
-  group_.rethrow();
+  group_.drive(tick, tick_ms);
   pool_.reset();
   for (unsigned lane = 0; lane < in_flight_.size(); ++lane)
     if (in_flight_[lane]) {

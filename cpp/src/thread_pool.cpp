@@ -4,6 +4,8 @@
 
 #include <chrono>
 
+#include "fst/errors.hpp"
+
 namespace fst {
 
 void TaskGroup::add(std::size_t n) {
@@ -32,6 +34,17 @@ bool TaskGroup::wait_for(int timeout_ms) {
 void TaskGroup::rethrow() const {
   std::lock_guard<std::mutex> lock(mu_);
   if (error_) std::rethrow_exception(error_);
+}
+
+void TaskGroup::drive(const std::function<bool()>& tick, int tick_ms) {
+  while (!wait_for(tick ? tick_ms : -1)) {
+    if (!tick()) {
+      cancel();
+      wait_for(-1);
+      throw Error("load cancelled");
+    }
+  }
+  rethrow();
 }
 
 ThreadPool::ThreadPool(unsigned threads) {

@@ -5,10 +5,13 @@ from __future__ import annotations
 import sys
 from typing import Callable, Optional
 
+ProgressCallback = Optional[Callable[[int, int], None]]
 
-def make_progress(enabled: bool, total: int, desc: str) -> tuple[Optional[Callable[[int, int], None]], Callable[[], None]]:
-    """A callback `(done, total)` for the core and a function that closes the bar."""
-    if not enabled or not sys.stderr.isatty() and enabled != "always":
+
+def make_progress(enabled: bool, total: int, desc: str) -> tuple[ProgressCallback, Callable[[], None]]:
+    """A callback `(done, total)` for the core and a function that closes the bar. The bar
+    (bytes, rate, ETA) appears only when asked for and stderr is a terminal."""
+    if not enabled or not sys.stderr.isatty():
         return None, lambda: None
     from tqdm import tqdm
 

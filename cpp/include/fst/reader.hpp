@@ -95,7 +95,6 @@ class PendingLoad final : public AsyncLoad {
   std::unique_ptr<Files> files_;
   std::atomic<std::uint64_t> done_{0};
   double started_ = 0;
-  bool finished_ = false;
 };
 
 // Share of bytes [offset, offset+length) of `path` that is in the page cache (0..1).

@@ -91,7 +91,6 @@ class StagedLoad final : public AsyncLoad {
   TaskGroup group_;
   std::atomic<std::uint64_t> done_{0};
   double started_ = 0;
-  bool finished_ = false;
 };
 
 // The sink for checking the pipeline without a GPU: the destination is host memory and copies

@@ -24,6 +24,10 @@ class TaskGroup {
   bool wait_for(int timeout_ms);
   // Rethrows the first task failure, if any. Call after wait_for() returned true.
   void rethrow() const;
+  // Waits for every task, calling `tick` every `tick_ms` meanwhile (none: `tick` empty). When
+  // `tick` returns false: cancels, waits for the running tasks, throws Error("load
+  // cancelled"). Then rethrows the first task failure.
+  void drive(const std::function<bool()>& tick, int tick_ms);
   void cancel() noexcept { cancelled_.store(true, std::memory_order_relaxed); }
   bool cancelled() const noexcept { return cancelled_.load(std::memory_order_relaxed); }
 
