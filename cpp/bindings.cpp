@@ -536,23 +536,21 @@ PYBIND11_MODULE(_core, m) {
       // with a host copy engine (device = -1: the same pipeline, checkable without a GPU).
       .def("start_staged", [](const PySelection& s, int device, const std::string& backend, unsigned threads,
                               std::uint64_t alignment, std::uint64_t budget, std::uint64_t buffer_bytes,
-                              unsigned host_copy_delay_us) {
+                              unsigned host_copy_delay_us, bool host_converts) {
         StagingOptions opt;
         opt.backend = backend_from_name(backend);
         opt.threads = threads;
         opt.alignment = alignment;
         opt.budget = budget;
         opt.buffer_bytes = buffer_bytes;
-        StagedLoad::SinkFactory factory = [=](std::uint64_t bytes) {
-          return device < 0 ? make_host_sink(bytes, alignment, host_copy_delay_us) : make_cuda_sink(device, bytes);
-        };
         PyPending p{nullptr, s.ckpt};
         py::gil_scoped_release release;
-        p.pending = std::make_unique<StagedLoad>(s.ckpt, s.picks, opt, factory, s.targets);
+        auto sink = device < 0 ? make_host_sink(alignment, host_copy_delay_us, host_converts) : make_cuda_sink(device);
+        p.pending = std::make_unique<StagedLoad>(s.ckpt, s.picks, opt, std::move(sink), s.targets);
         return p;
       }, py::arg("device"), py::arg("backend") = "pread", py::arg("threads") = 0, py::arg("alignment") = 256,
          py::arg("budget") = 128u << 20, py::arg("buffer_bytes") = 16u << 20,
-         py::arg("host_copy_delay_us") = 0);
+         py::arg("host_copy_delay_us") = 0, py::arg("host_converts") = true);
 
   py::class_<PyCheckpoint>(m, "Checkpoint")
       .def(py::init([](const std::vector<std::string>& paths, unsigned threads) {

@@ -71,12 +71,30 @@ def test_streaming_and_safe_open_convert(floats):
         assert raw_bytes(f.get_slice("BF16")[1:3, 5:9]) == raw_bytes(ref["BF16"][1:3, 5:9].to(torch.float32))
 
 
-def test_device_style_casts_are_done_by_the_framework(floats):
-    """Loads into device memory report the conversions left to the framework; the torch
-    adapter applies them (checked here through the host staging engine)."""
+@pytest.mark.parametrize("buffer_bytes", [4096, 1 << 16])
+def test_staged_loads_convert_in_the_pipeline(floats, buffer_bytes):
+    """GPU loads convert where the raw bytes land (the kernels' batch tasks); checked here with
+    the host copy engine, which runs the same tasks through the host twins, slowly, so a buffer
+    reused too early would show."""
+    ref = fst.load(floats, framework="torch")
+    for target in ("F32", "BF16", "F8_E5M2"):
+        keys = None if target != "F8_E5M2" else FLOATS + ["ints"]
+        selection = fst.open_checkpoint(floats).select(keys).with_dtypes(target, [])
+        loaded = selection.start_staged(-1, "pread", 2, 256, 4 * buffer_bytes, buffer_bytes,
+                                        host_copy_delay_us=20).wait()
+        assert loaded.casts == []
+        got = get_adapter("torch").export(loaded, "cpu")
+        for name, t in got.items():
+            want = ref[name].to(TORCH[target]) if ref[name].is_floating_point() else ref[name]
+            assert raw_bytes(t) == raw_bytes(want), f"{name} -> {target}"
+            assert t.data_ptr() % 256 == 0
+
+
+def test_framework_casts_when_the_device_cannot_convert(floats):
+    """A device sink without kernels reports the conversions; the torch adapter applies them."""
     ref = fst.load(floats, framework="torch")
     selection = fst.open_checkpoint(floats).select(None).with_dtypes("F32", [])
-    loaded = selection.start_staged(-1, "pread", 2, 256, 1 << 20, 1 << 16).wait()
+    loaded = selection.start_staged(-1, "pread", 2, 256, 1 << 20, 1 << 16, host_converts=False).wait()
     assert {i for i, _ in loaded.casts} and all(t == "F32" for _, t in loaded.casts)
     got = get_adapter("torch").export(loaded, "cpu")
     for name, t in got.items():

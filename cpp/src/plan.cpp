@@ -92,13 +92,20 @@ std::vector<Pick> Checkpoint::select(const std::vector<std::string>& patterns) c
 }
 
 Placement place(const Checkpoint& ckpt, const std::vector<Pick>& sel, std::uint64_t alignment) {
+  return place(ckpt, sel, alignment, {});
+}
+
+Placement place(const Checkpoint& ckpt, const std::vector<Pick>& sel, std::uint64_t alignment,
+                const std::vector<Dtype>& targets) {
   Placement p;
   p.offsets.resize(sel.size());
   std::uint64_t cursor = 0;
   for (std::size_t i = 0; i < sel.size(); ++i) {
     cursor = align_up(cursor, alignment);
     p.offsets[i] = cursor;
-    cursor += ckpt.extent(sel[i]).nbytes;
+    std::uint64_t bytes = ckpt.extent(sel[i]).nbytes;
+    if (!targets.empty()) bytes = bytes * dtype_bits(targets[i]) / dtype_bits(ckpt.entry(sel[i].ref).dtype);
+    cursor += bytes;
   }
   p.size = cursor;
   return p;
@@ -117,14 +124,22 @@ ReadPlan plan_reads(const Checkpoint& ckpt, const std::vector<Pick>& sel,
     const std::uint32_t file = sel[i].ref.file;
     std::uint64_t file_off = ext.offset;
     std::uint64_t arena_off = placement.offsets[i];
-    std::uint64_t left = ext.nbytes;
+    std::uint64_t left = ext.nbytes, within = 0;
+    const std::uint64_t element = dtype_align(ckpt.entry(sel[i].ref).dtype);
     plan.bytes += left;
     while (left > 0) {
+      // A tensor split across requests is cut between elements, so that every piece can be
+      // converted on its own.
       bool adjacent = open && open->file == file && open->offset + open->length == file_off;
-      if (!adjacent || open->length >= max_request || open->piece_count >= max_pieces)
+      std::uint64_t room = adjacent ? max_request - std::min(max_request, open->length) : 0;
+      if (room < left) room -= room % element;
+      if (!adjacent || room == 0 || open->piece_count >= max_pieces) {
         start_request(file, file_off);
-      std::uint64_t take = std::min(left, max_request - open->length);
-      plan.pieces.push_back(Piece{arena_off, take});
+        room = max_request - max_request % element;
+      }
+      std::uint64_t take = std::min(left, room);
+      plan.pieces.push_back(Piece{arena_off, take, static_cast<std::uint32_t>(i), within});
+      within += take;
       open->length += take;
       ++open->piece_count;
       file_off += take;

@@ -8,7 +8,9 @@
 #include <thread>
 
 #include "detail/clock.hpp"
+#include "detail/kernel_abi.hpp"
 #include "detail/posix_file.hpp"
+#include "fst/convert.hpp"
 #include "fst/errors.hpp"
 
 namespace fst {
@@ -23,9 +25,9 @@ struct StagedLoad::Files {
 };
 
 StagedLoad::StagedLoad(std::shared_ptr<const Checkpoint> ckpt, std::vector<Pick> selection,
-                       const StagingOptions& options, const SinkFactory& make_sink,
+                       const StagingOptions& options, std::unique_ptr<StagingSink> sink,
                        const std::vector<Dtype>& targets)
-    : ckpt_(std::move(ckpt)), opt_(options), files_(std::make_unique<Files>()) {
+    : ckpt_(std::move(ckpt)), opt_(options), sink_(std::move(sink)), files_(std::make_unique<Files>()) {
   started_ = detail::now_seconds();
   if (opt_.backend != Backend::Pread && opt_.backend != Backend::Direct)
     throw UnsupportedError(std::string("backend '") + backend_name(opt_.backend) +
@@ -41,8 +43,12 @@ StagedLoad::StagedLoad(std::shared_ptr<const Checkpoint> ckpt, std::vector<Pick>
     st.bytes += ckpt_->extent(p).nbytes;
     result_.dtypes.push_back(ckpt_->entry(p.ref).dtype);
   }
-  for (std::size_t i = 0; i < targets.size(); ++i)
-    if (targets[i] != result_.dtypes[i]) result_.casts.emplace_back(static_cast<std::uint32_t>(i), targets[i]);
+  if (!targets.empty() && sink_->converts()) {
+    targets_ = targets;  // converted on the device, from scratch memory into the slots
+  } else {
+    for (std::size_t i = 0; i < targets.size(); ++i)
+      if (targets[i] != result_.dtypes[i]) result_.casts.emplace_back(static_cast<std::uint32_t>(i), targets[i]);
+  }
 
   // Open each file the selection touches (O_DIRECT for the direct backend).
   files_->files.resize(headers.size());
@@ -60,14 +66,17 @@ StagedLoad::StagedLoad(std::shared_ptr<const Checkpoint> ckpt, std::vector<Pick>
     }
   }
 
-  Placement placement = place(*ckpt_, sel, opt_.alignment);
-  sink_ = make_sink(placement.size);
+  Placement placement = place(*ckpt_, sel, opt_.alignment, targets_);
   result_.device = sink_->device();
-  auto dest = sink_->destination();
+  auto dest = sink_->allocate(placement.size);
   result_.owners.push_back(dest);
   result_.data.resize(sel.size());
   result_.owner_of.assign(sel.size(), 0);
-  for (std::size_t i = 0; i < sel.size(); ++i) result_.data[i] = dest->data() + placement.offsets[i];
+  for (std::size_t i = 0; i < sel.size(); ++i) {
+    result_.data[i] = dest->data() + placement.offsets[i];
+    slots_.push_back(reinterpret_cast<std::uintptr_t>(result_.data[i]));
+  }
+  if (!targets_.empty()) result_.dtypes = targets_;
   plan_ = plan_reads(*ckpt_, sel, placement, opt_.buffer_bytes, UINT32_MAX);
   st.bytes_read = plan_.bytes;
   st.requests = plan_.requests.size();
@@ -76,6 +85,12 @@ StagedLoad::StagedLoad(std::shared_ptr<const Checkpoint> ckpt, std::vector<Pick>
                                             std::max<std::size_t>(plan_.requests.size(), 1));
   const std::size_t buffer_size = opt_.buffer_bytes + 2 * detail::kDirectAlign;
   for (unsigned lane = 0; lane < count; ++lane) buffers_.push_back(sink_->staging_buffer(lane, buffer_size));
+  if (!targets_.empty()) {
+    std::size_t most = 0;
+    for (const ReadRequest& req : plan_.requests) most = std::max<std::size_t>(most, req.piece_count);
+    for (unsigned lane = 0; lane < count; ++lane) scratch_.push_back(sink_->scratch(lane, buffer_size));
+    sink_->reserve_tasks(count, most);
+  }
   busy_.assign(count, false);
   in_flight_.assign(count, false);
   st.reason = std::to_string(count) + " pinned staging buffers of " +
@@ -148,10 +163,25 @@ void StagedLoad::run_request(const ReadRequest& req) {
       src = buffers_[lane];
     }
     const Piece* pieces = plan_.pieces.data() + req.first_piece;
+    std::vector<kernels::ConvertTask> tasks;
     for (std::uint32_t k = 0; k < req.piece_count; ++k) {
-      sink_->copy_async(lane, pieces[k].arena_offset, src, pieces[k].length);
-      src += pieces[k].length;
+      const Piece& piece = pieces[k];
+      const Dtype from = ckpt_->entry(result_.selection[piece.pick].ref).dtype;
+      if (targets_.empty() || targets_[piece.pick] == from) {
+        sink_->copy_async(lane, slots_[piece.pick] + piece.pick_offset, src, piece.length);
+      } else {
+        // Raw bytes to scratch memory beside the staging buffer, then converted into the slot.
+        const Dtype to = targets_[piece.pick];
+        const std::uint64_t raw = scratch_[lane] + static_cast<std::uint64_t>(src - buffers_[lane]);
+        sink_->copy_async(lane, raw, src, piece.length);
+        const std::uint64_t first = piece.pick_offset * 8 / dtype_bits(from);
+        tasks.push_back(kernels::ConvertTask{raw, slots_[piece.pick] + first * dtype_bits(to) / 8,
+                                             piece.length * 8 / dtype_bits(from),
+                                             static_cast<std::uint32_t>(from), static_cast<std::uint32_t>(to)});
+      }
+      src += piece.length;
     }
+    if (!tasks.empty()) sink_->convert_async(lane, tasks);
   } catch (...) {
     release_buffer(lane);
     throw;
@@ -180,9 +210,8 @@ namespace {
 
 class HostSink final : public StagingSink {
  public:
-  HostSink(std::uint64_t arena_bytes, std::uint64_t alignment, unsigned copy_delay_us)
-      : dest_(std::make_shared<HostArena>(arena_bytes, alignment)), delay_us_(copy_delay_us),
-        worker_([this] { run(); }) {}
+  HostSink(std::uint64_t alignment, unsigned copy_delay_us, bool converts)
+      : alignment_(alignment), converts_(converts), delay_us_(copy_delay_us), worker_([this] { run(); }) {}
   ~HostSink() override {
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -192,58 +221,78 @@ class HostSink final : public StagingSink {
     worker_.join();
   }
 
-  std::byte* staging_buffer(unsigned lane, std::size_t bytes) override {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (lanes_.size() <= lane) lanes_.resize(lane + 1);
-    lanes_[lane].buffer = std::make_unique<HostArena>(bytes, detail::kDirectAlign);
-    return lanes_[lane].buffer->data();
+  std::shared_ptr<Buffer> allocate(std::uint64_t bytes) override {
+    return std::make_shared<HostArena>(bytes, alignment_);
   }
-  void copy_async(unsigned lane, std::uint64_t dst_offset, const std::byte* src, std::uint64_t bytes) override {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      queue_.push_back(Copy{lane, dest_->data() + dst_offset, src, bytes});
-      ++lanes_[lane].queued;
-    }
-    cv_.notify_all();
+  std::byte* staging_buffer(unsigned lane, std::size_t bytes) override {
+    return lane_of(lane).buffer.emplace_back(std::make_unique<HostArena>(bytes, detail::kDirectAlign))->data();
+  }
+  std::uint64_t scratch(unsigned lane, std::size_t bytes) override {
+    return reinterpret_cast<std::uintptr_t>(
+        lane_of(lane).buffer.emplace_back(std::make_unique<HostArena>(bytes, detail::kDirectAlign))->data());
+  }
+  bool converts() const override { return converts_; }
+
+  void copy_async(unsigned lane, std::uint64_t dst, const std::byte* src, std::uint64_t bytes) override {
+    enqueue(lane, [dst, src, bytes] { std::memcpy(reinterpret_cast<std::byte*>(dst), src, bytes); });
+  }
+  void convert_async(unsigned lane, const std::vector<kernels::ConvertTask>& tasks) override {
+    enqueue(lane, [tasks] {
+      for (const auto& t : tasks)
+        convert_host(reinterpret_cast<const void*>(t.src), static_cast<Dtype>(t.src_dtype),
+                     reinterpret_cast<void*>(t.dst), static_cast<Dtype>(t.dst_dtype), t.count, 1);
+    });
   }
   void wait(unsigned lane) override {
     std::unique_lock<std::mutex> lock(mu_);
     cv_.wait(lock, [&] { return lanes_[lane].done == lanes_[lane].queued; });
   }
-  std::shared_ptr<Buffer> destination() override { return dest_; }
 
  private:
-  struct Copy {
+  struct Job {
     unsigned lane;
-    std::byte* dst;
-    const std::byte* src;
-    std::uint64_t bytes;
+    std::function<void()> run;
   };
   struct Lane {
-    std::unique_ptr<HostArena> buffer;
+    std::vector<std::unique_ptr<HostArena>> buffer;
     std::uint64_t queued = 0, done = 0;
   };
+  Lane& lane_of(unsigned lane) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (lanes_.size() <= lane) lanes_.resize(lane + 1);
+    return lanes_[lane];
+  }
+  void enqueue(unsigned lane, std::function<void()> job) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      queue_.push_back(Job{lane, std::move(job)});
+      ++lanes_[lane].queued;
+    }
+    cv_.notify_all();
+  }
+  // The copy engine: jobs run one at a time in the order queued, each started late.
   void run() {
     std::unique_lock<std::mutex> lock(mu_);
     while (true) {
       cv_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
       if (queue_.empty()) return;
-      Copy c = queue_.front();
+      Job job = std::move(queue_.front());
       queue_.pop_front();
       lock.unlock();
       if (delay_us_) std::this_thread::sleep_for(std::chrono::microseconds(delay_us_));
-      std::memcpy(c.dst, c.src, c.bytes);
+      job.run();
       lock.lock();
-      ++lanes_[c.lane].done;
+      ++lanes_[job.lane].done;
       cv_.notify_all();
     }
   }
 
-  std::shared_ptr<HostArena> dest_;
+  std::uint64_t alignment_;
+  bool converts_;
   std::mutex mu_;
   std::condition_variable cv_;
-  std::deque<Copy> queue_;
-  std::vector<Lane> lanes_;
+  std::deque<Job> queue_;
+  std::deque<Lane> lanes_;  // a deque: references to lanes stay valid as it grows
   bool stopping_ = false;
   unsigned delay_us_;
   std::thread worker_;
@@ -251,9 +300,8 @@ class HostSink final : public StagingSink {
 
 }  // namespace
 
-std::unique_ptr<StagingSink> make_host_sink(std::uint64_t arena_bytes, std::uint64_t alignment,
-                                            unsigned copy_delay_us) {
-  return std::make_unique<HostSink>(arena_bytes, alignment, copy_delay_us);
+std::unique_ptr<StagingSink> make_host_sink(std::uint64_t alignment, unsigned copy_delay_us, bool converts) {
+  return std::make_unique<HostSink>(alignment, copy_delay_us, converts);
 }
 
 }  // namespace fst

@@ -25,9 +25,9 @@ struct CufileInfo {
 CufileInfo cufile_info();
 
 class StagingSink;
-// A staging sink whose destination is a new arena of `arena_bytes` on CUDA device `device`
-// (its primary context, shared with torch and JAX). Throws CudaError when CUDA is unavailable
-// or the device is out of memory.
-std::unique_ptr<StagingSink> make_cuda_sink(int device, std::uint64_t arena_bytes);
+// A staging sink whose destination is device memory of CUDA device `device` (its primary
+// context, shared with torch and JAX); it converts dtypes with the embedded kernels. Throws
+// CudaError when CUDA is unavailable (or, from allocate(), when the device is out of memory).
+std::unique_ptr<StagingSink> make_cuda_sink(int device);
 
 }  // namespace fst

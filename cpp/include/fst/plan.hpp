@@ -74,11 +74,16 @@ struct Placement {
   std::uint64_t size = 0;
 };
 Placement place(const Checkpoint& ckpt, const std::vector<Pick>& sel, std::uint64_t alignment);
+// The same with each slot sized for targets[i] instead of the tensor's own dtype.
+Placement place(const Checkpoint& ckpt, const std::vector<Pick>& sel, std::uint64_t alignment,
+                const std::vector<Dtype>& targets);
 
 // One contiguous range of one file, scattered into consecutive pieces of the arena.
 struct Piece {
   std::uint64_t arena_offset;
   std::uint64_t length;
+  std::uint32_t pick;         // index in the selection of the tensor the bytes belong to
+  std::uint64_t pick_offset;  // where they start within that tensor's bytes
 };
 struct ReadRequest {
   std::uint32_t file;

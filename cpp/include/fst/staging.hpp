@@ -23,19 +23,33 @@ namespace fst {
 // Where staged bytes go. The CUDA implementation copies with cuMemcpyHtoDAsync on one stream
 // per lane; the host implementation (tests) copies on a thread of its own, so both exercise the
 // rule that a staging buffer is reused only after its copies have finished.
+namespace kernels {
+struct ConvertTask;  // cpp/src/detail/kernel_abi.hpp: the batch descriptor of the kernels
+}
+
 class StagingSink {
  public:
   virtual ~StagingSink() = default;
   // Pinned (page-aligned) host memory for one staging buffer, owned by the sink.
   virtual std::byte* staging_buffer(unsigned lane, std::size_t bytes) = 0;
-  // Queues a copy of `bytes` from `src` (inside lane's staging buffer) to `dst_offset` in the
-  // destination arena, on `lane`.
-  virtual void copy_async(unsigned lane, std::uint64_t dst_offset, const std::byte* src, std::uint64_t bytes) = 0;
+  // Allocates the destination arena (the memory the tensors end up in).
+  virtual std::shared_ptr<Buffer> allocate(std::uint64_t bytes) = 0;
+  // Queues a copy of `bytes` from `src` (inside lane's staging buffer) to address `dst` (in the
+  // destination or in lane's scratch memory), on `lane`.
+  virtual void copy_async(unsigned lane, std::uint64_t dst, const std::byte* src, std::uint64_t bytes) = 0;
   // Returns once every copy queued on `lane` so far has finished.
   virtual void wait(unsigned lane) = 0;
+  // Whether the sink converts dtypes itself (CUDA: the embedded kernels were built).
+  virtual bool converts() const = 0;
+  // Device memory of `bytes` for `lane`: where raw bytes of tensors to convert land.
+  virtual std::uint64_t scratch(unsigned lane, std::size_t bytes) = 0;
+  // Queues `tasks` on `lane` after its copies: each converts from scratch memory into the
+  // destination (addresses in ConvertTask are absolute). At most `max_tasks` (see reserve_tasks).
+  virtual void convert_async(unsigned lane, const std::vector<kernels::ConvertTask>& tasks) = 0;
+  // Room for up to `max_tasks` tasks per convert_async call on every lane.
+  virtual void reserve_tasks(unsigned lanes, std::size_t max_tasks) { (void)lanes, (void)max_tasks; }
   // Called on a reading thread before each request (CUDA: make the device's context current).
   virtual void bind_thread() {}
-  virtual std::shared_ptr<Buffer> destination() = 0;
   virtual ExportDevice device() const { return ExportDevice{}; }
 };
 
@@ -54,10 +68,11 @@ unsigned staging_buffer_count(const StagingOptions& opt) noexcept;
 // pool; wait() drives it to the end on the calling thread.
 class StagedLoad final : public AsyncLoad {
  public:
-  using SinkFactory = std::function<std::unique_ptr<StagingSink>(std::uint64_t arena_bytes)>;
-  // `targets` (empty: none): dtypes wanted per pick, reported in LoadedTensors::casts.
+  // `targets` (empty: none): dtypes wanted per pick. The sink converts them when it can
+  // (converts()); otherwise they are reported in LoadedTensors::casts for the framework.
   StagedLoad(std::shared_ptr<const Checkpoint> ckpt, std::vector<Pick> selection,
-             const StagingOptions& options, const SinkFactory& make_sink, const std::vector<Dtype>& targets = {});
+             const StagingOptions& options, std::unique_ptr<StagingSink> sink,
+             const std::vector<Dtype>& targets = {});
   ~StagedLoad();
   StagedLoad(const StagedLoad&) = delete;
   StagedLoad& operator=(const StagedLoad&) = delete;
@@ -82,6 +97,9 @@ class StagedLoad final : public AsyncLoad {
   struct Files;
   std::unique_ptr<Files> files_;
   std::vector<std::byte*> buffers_;
+  std::vector<std::uint64_t> scratch_;     // per lane, when converting: raw bytes on the device
+  std::vector<Dtype> targets_;             // per pick, when the sink converts
+  std::vector<std::uint64_t> slots_;       // per pick: address in the destination
   std::mutex ring_mu_;
   std::condition_variable ring_cv_;
   std::vector<bool> busy_;         // a thread is filling the buffer
@@ -94,9 +112,10 @@ class StagedLoad final : public AsyncLoad {
 };
 
 // The sink for checking the pipeline without a GPU: the destination is host memory and copies
-// run on a background thread, in order, each started `copy_delay_us` late (a slow copy engine
-// makes any reuse of a buffer before its copies end show up as wrong bytes).
-std::unique_ptr<StagingSink> make_host_sink(std::uint64_t arena_bytes, std::uint64_t alignment,
-                                            unsigned copy_delay_us = 0);
+// (and conversions, with the host twins of the kernels, unless `converts` is false) run on a
+// background thread, in order, each started `copy_delay_us` late (a slow copy engine makes any
+// reuse of a buffer before its work ends show up as wrong bytes).
+std::unique_ptr<StagingSink> make_host_sink(std::uint64_t alignment, unsigned copy_delay_us = 0,
+                                            bool converts = true);
 
 }  // namespace fst

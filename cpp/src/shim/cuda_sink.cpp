@@ -1,9 +1,17 @@
 // Device memory and the CUDA staging sink: pinned host buffers, one stream per lane,
 // cuMemcpyHtoDAsync into a device arena freed when its last tensor dies.
+#include <algorithm>
+#include <cstring>
+#include <deque>
+#include <map>
+#include <mutex>
+#include <string>
 #include <vector>
 
 #include "fst/cuda.hpp"
 #include "fst/staging.hpp"
+#include "detail/fatbin.hpp"
+#include "detail/kernel_abi.hpp"
 #include "fst/errors.hpp"
 #include "shim/cuda_api.hpp"
 
@@ -46,10 +54,39 @@ class DeviceArena final : public Buffer {
   int device_;
 };
 
+// The batched conversion kernel of the embedded fatbin, loaded once per device.
+struct ConvertKernel {
+  CUfunction function = nullptr;
+  unsigned sm_count = 1;
+};
+
+const ConvertKernel& convert_kernel(int device) {
+  static std::mutex mu;
+  static std::map<int, ConvertKernel> loaded;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = loaded.find(device);
+  if (it != loaded.end()) return it->second;
+  const Driver& d = Driver::get();
+  ScopedDevice scope(device);
+  const kernels::FatbinImage* image = nullptr;
+  for (std::size_t i = 0; i < kernels::kFatbinCount; ++i)
+    if (std::string(kernels::kFatbins[i].name) == "convert") image = &kernels::kFatbins[i];
+  if (!image) throw CudaError("fst was built without its CUDA kernels (FST_CUDA=OFF or no nvcc)");
+  CUmodule module = nullptr;  // kept for the life of the process, like the function in it
+  check(d.cuModuleLoadData(&module, image->begin), "cuModuleLoadData (fst conversion kernels)");
+  ConvertKernel k;
+  check(d.cuModuleGetFunction(&k.function, module, kernels::kConvertKernel), "cuModuleGetFunction");
+  CUdevice dev;
+  check(d.cuDeviceGet(&dev, device), "cuDeviceGet");
+  int sms = 1;
+  d.cuDeviceGetAttribute(&sms, kAttrMultiprocessorCount, dev);
+  k.sm_count = static_cast<unsigned>(sms);
+  return loaded.emplace(device, k).first->second;
+}
+
 class CudaSink final : public StagingSink {
  public:
-  CudaSink(int device, std::uint64_t arena_bytes)
-      : device_(device), dest_(std::make_shared<DeviceArena>(device, arena_bytes)) {}
+  explicit CudaSink(int device) : device_(device) { ScopedDevice check_available(device); }
 
   ~CudaSink() override {
     const Driver& d = Driver::get();
@@ -61,16 +98,22 @@ class CudaSink final : public StagingSink {
           d.cuStreamDestroy(lane.stream);
         }
         if (lane.buffer) d.cuMemFreeHost(lane.buffer);
+        if (lane.host_tasks) d.cuMemFreeHost(lane.host_tasks);
+        if (lane.scratch) d.cuMemFree(lane.scratch);
+        if (lane.device_tasks) d.cuMemFree(lane.device_tasks);
       }
     } catch (...) {
     }
   }
 
+  std::shared_ptr<Buffer> allocate(std::uint64_t bytes) override {
+    return std::make_shared<DeviceArena>(device_, bytes);
+  }
+
   std::byte* staging_buffer(unsigned lane, std::size_t bytes) override {
     const Driver& d = Driver::get();
     ScopedDevice scope(device_);
-    if (lanes_.size() <= lane) lanes_.resize(lane + 1);
-    Lane& l = lanes_[lane];
+    Lane& l = lane_of(lane);
     check(d.cuStreamCreate(&l.stream, kStreamNonBlocking), "cuStreamCreate");
     void* p = nullptr;
     // Pinned and page aligned, so O_DIRECT can read into it and the copy engine can DMA from it.
@@ -79,37 +122,78 @@ class CudaSink final : public StagingSink {
     return static_cast<std::byte*>(p);
   }
 
+  std::uint64_t scratch(unsigned lane, std::size_t bytes) override {
+    ScopedDevice scope(device_);
+    Lane& l = lane_of(lane);
+    check(Driver::get().cuMemAlloc(&l.scratch, bytes), "cuMemAlloc (conversion scratch)");
+    return l.scratch;
+  }
+
+  bool converts() const override { return kernels::kFatbinCount > 0; }
+
+  void reserve_tasks(unsigned lanes, std::size_t max_tasks) override {
+    const Driver& d = Driver::get();
+    ScopedDevice scope(device_);
+    const std::size_t bytes = std::max<std::size_t>(max_tasks, 1) * sizeof(kernels::ConvertTask);
+    for (unsigned lane = 0; lane < lanes; ++lane) {
+      Lane& l = lane_of(lane);
+      check(d.cuMemHostAlloc(&l.host_tasks, bytes, kMemHostAllocPortable), "cuMemHostAlloc (task list)");
+      check(d.cuMemAlloc(&l.device_tasks, bytes), "cuMemAlloc (task list)");
+    }
+  }
+
   // Pool threads belong to the load: the context can stay current on them.
   void bind_thread() override { make_current(device_); }
 
-  void copy_async(unsigned lane, std::uint64_t dst_offset, const std::byte* src, std::uint64_t bytes) override {
+  void copy_async(unsigned lane, std::uint64_t dst, const std::byte* src, std::uint64_t bytes) override {
     if (bytes == 0) return;
+    check(Driver::get().cuMemcpyHtoDAsync(dst, src, bytes, lanes_[lane].stream), "cuMemcpyHtoDAsync");
+  }
+
+  void convert_async(unsigned lane, const std::vector<kernels::ConvertTask>& tasks) override {
     const Driver& d = Driver::get();
-    auto dst = static_cast<CUdeviceptr>(reinterpret_cast<std::uintptr_t>(dest_->data()) + dst_offset);
-    check(d.cuMemcpyHtoDAsync(dst, src, bytes, lanes_[lane].stream), "cuMemcpyHtoDAsync");
+    const ConvertKernel& kernel = convert_kernel(device_);
+    Lane& l = lanes_[lane];
+    // The lane's task list is free: the lane is reused only after its stream has drained.
+    std::memcpy(l.host_tasks, tasks.data(), tasks.size() * sizeof(kernels::ConvertTask));
+    check(d.cuMemcpyHtoDAsync(l.device_tasks, l.host_tasks, tasks.size() * sizeof(kernels::ConvertTask), l.stream),
+          "cuMemcpyHtoDAsync (task list)");
+    std::uint64_t bytes = 0;
+    for (const auto& t : tasks) bytes += t.count * 8;  // an upper bound of the wider side
+    auto* list = reinterpret_cast<const kernels::ConvertTask*>(static_cast<std::uintptr_t>(l.device_tasks));
+    auto n = static_cast<std::uint32_t>(tasks.size());
+    void* params[] = {&list, &n};
+    check(d.cuLaunchKernel(kernel.function, kernels::suggested_grid(bytes, kernel.sm_count), 1, 1,
+                           kernels::kBlockThreads, 1, 1, 0, l.stream, params, nullptr),
+          "cuLaunchKernel (fst_convert_batch)");
   }
 
   void wait(unsigned lane) override {
     check(Driver::get().cuStreamSynchronize(lanes_[lane].stream), "cuStreamSynchronize");
   }
 
-  std::shared_ptr<Buffer> destination() override { return dest_; }
   ExportDevice device() const override { return ExportDevice{ExportDevice::kCUDA, device_}; }
 
  private:
   struct Lane {
     CUstream stream = nullptr;
     void* buffer = nullptr;
+    void* host_tasks = nullptr;
+    CUdeviceptr scratch = 0;
+    CUdeviceptr device_tasks = 0;
   };
+  Lane& lane_of(unsigned lane) {
+    if (lanes_.size() <= lane) lanes_.resize(lane + 1);
+    return lanes_[lane];
+  }
   int device_;
-  std::shared_ptr<DeviceArena> dest_;
-  std::vector<Lane> lanes_;
+  std::deque<Lane> lanes_;
 };
 
 }  // namespace
 
-std::unique_ptr<StagingSink> make_cuda_sink(int device, std::uint64_t arena_bytes) {
-  return std::make_unique<CudaSink>(device, arena_bytes);
+std::unique_ptr<StagingSink> make_cuda_sink(int device) {
+  return std::make_unique<CudaSink>(device);
 }
 
 }  // namespace fst
