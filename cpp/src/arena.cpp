@@ -2,6 +2,7 @@
 
 #include <cerrno>
 #include <cstdlib>
+#include <algorithm>
 #include <new>
 
 #include "fst/buffer.hpp"
@@ -28,6 +29,18 @@ HostArena::HostArena(std::size_t size, std::size_t alignment) {
   // A zero-byte request still gets a real, aligned address for empty tensors to point at.
   if (::posix_memalign(&p, alignment, size ? size : alignment) != 0) throw std::bad_alloc();
   data_ = static_cast<std::byte*>(p);
+}
+
+void HostArena::populate(std::size_t offset, std::size_t length) const noexcept {
+#ifdef MADV_POPULATE_WRITE
+  if (!mapped_ || length == 0) return;
+  const std::size_t page = 4096;
+  std::size_t first = offset / page * page, last = std::min(size_, offset + length);
+  last = (last + page - 1) / page * page;  // the mapping extends to the end of its last page
+  ::madvise(data_ + first, last - first, MADV_POPULATE_WRITE);
+#else
+  (void)offset, (void)length;
+#endif
 }
 
 HostArena::~HostArena() {

@@ -26,6 +26,10 @@ class HostArena final : public Buffer {
  public:
   HostArena(std::size_t size, std::size_t alignment);
   ~HostArena() override;
+  // Backs [offset, offset + length) with memory now, in one call (MADV_POPULATE_WRITE), instead
+  // of a page fault per 4 KiB page on first write: several times cheaper on virtual machines.
+  // Best effort: a no-op on kernels without it and for small arenas.
+  void populate(std::size_t offset, std::size_t length) const noexcept;
 
  private:
   bool mapped_ = false;

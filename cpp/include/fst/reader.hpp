@@ -81,6 +81,8 @@ class PendingLoad final : public AsyncLoad {
 
  private:
   void start_views(bool read_ahead);
+  // Backs the arena range a request fills before reading into it (see HostArena::populate).
+  void populate_for(const ReadRequest& req) const;
   void start_reads(bool direct);
 
   std::shared_ptr<const Checkpoint> ckpt_;
@@ -90,6 +92,7 @@ class PendingLoad final : public AsyncLoad {
   std::unique_ptr<ThreadPool> pool_;
   TaskGroup group_;
   ReadPlan plan_;
+  HostArena* arena_ = nullptr;  // where requests land (owned by result_.owners)
   std::vector<int> fds_;  // borrowed from files_
   struct Files;
   std::unique_ptr<Files> files_;
