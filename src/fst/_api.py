@@ -55,6 +55,12 @@ def _record(stats: dict[str, Any], adapter_name: str) -> None:
     _local.stats = stats
 
 
+def _torch_distributed_initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
 def _distributed_or_sharded(adapter, process_group, shard, sharding, mesh, replicate_rest):
     """The planner for a multi-rank torch load or a sharded JAX load, or None for a plain load."""
     if sharding is not None or mesh is not None or replicate_rest:
@@ -64,6 +70,8 @@ def _distributed_or_sharded(adapter, process_group, shard, sharding, mesh, repli
 
         return ShardedLoad(sharding=sharding, mesh=mesh, replicate_rest=replicate_rest)
     if adapter.name == "torch":
+        if process_group is None and shard is None and not _torch_distributed_initialized():
+            return None  # the common case decided without importing the distributed planner
         from .distributed import distributed_load_for
 
         return distributed_load_for(process_group, shard)
