@@ -138,15 +138,15 @@ void read_tensor(JsonReader& r, TensorEntry& t, std::string& scratch,
       r.read_string(key);
       r.expect(':', "':'");
       bool* seen = nullptr;
-      if (key == "dtype") {
+      if (key == std::string_view("dtype")) {
         seen = &has_dtype;
         if (*seen) throw SchemaError{"duplicate field `dtype`"};
         t.dtype = read_dtype(r, scratch);
-      } else if (key == "shape") {
+      } else if (key == std::string_view("shape")) {
         seen = &has_shape;
         if (*seen) throw SchemaError{"duplicate field `shape`"};
         read_u64_list(r, t.shape, "shape");
-      } else if (key == "data_offsets") {
+      } else if (key == std::string_view("data_offsets")) {
         seen = &has_offsets;
         if (*seen) throw SchemaError{"duplicate field `data_offsets`"};
         read_offsets(r, t, offsets);
@@ -207,12 +207,12 @@ void parse_json(FileHeader& h, std::string_view json) {
     r.expect('{', "a JSON object");
     r.enter();
     bool seen_metadata = false;
-    // Indices into h.tensors, by name. Reserving by a typical entry size (~100 bytes of JSON)
+    // Indices into h.tensors, by name. Reserving by a small entry size (64 bytes of JSON)
     // avoids regrowing for large headers.
     const auto& tensors = h.tensors;
     auto name_of = [&tensors](std::uint32_t i) -> std::string_view { return tensors[i].name; };
-    detail::NameIndex<decltype(name_of)> index(json.size() / 100, name_of);
-    h.tensors.reserve(json.size() / 100 + 16);
+    detail::NameIndex<decltype(name_of)> index(json.size() / 64, name_of);
+    h.tensors.reserve(json.size() / 64 + 16);
     std::string scratch;
     std::vector<std::uint64_t> offsets;
     if (!r.consume('}')) {
@@ -220,7 +220,7 @@ void parse_json(FileHeader& h, std::string_view json) {
         if (r.peek() != '"') r.fail("key must be a string");
         r.read_string(key);
         r.expect(':', "':'");
-        if (key == "__metadata__") {
+        if (key == std::string_view("__metadata__")) {
           if (seen_metadata) throw SchemaError{"duplicate field `__metadata__`"};
           seen_metadata = true;
           read_metadata(r, h);
