@@ -88,7 +88,6 @@ def main():
                            args.repeats)
         t_new = median_seconds(lambda: _core.convert(data, src, dst, args.threads),
                                max(1, args.repeats // 2))
-        del out
         traffic = (data.nbytes + out_bytes) / t / 1e9
         print(f"{src + ' -> ' + dst:<22}{t * 1e3:9.1f}{data.nbytes / t / 1e9:10.2f}"
               f"{traffic:14.2f}{traffic / ref:9.2f}{t_new * 1e3:9.1f}")

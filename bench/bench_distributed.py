@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -26,6 +25,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from fst import benchmark as bm
 
 SHARD = {"*.sharded": 0}
 
@@ -37,24 +38,6 @@ def parse_size(text: str) -> int:
         if t.endswith(u):
             return int(float(t[: -len(u)]) * m)
     return int(t)
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = ""
-    try:
-        kb = int(Path("/proc/meminfo").read_text().split()[1])
-        mem = f", {kb / (1 << 20):.0f} GiB RAM"
-    except (OSError, ValueError, IndexError):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores{mem}, {platform.system()} {platform.release()}"
 
 
 def make_checkpoint(folder: Path, size: int, files: int = 4) -> int:
@@ -180,12 +163,10 @@ def main() -> None:
         worker(mode, int(rank), int(ranks), int(port), folder, out)
         return
 
-    import torch
-
     size = parse_size(args.size)
     base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="fst-bench-dist-"))
     folder = base / "ckpt"
-    print(f"machine: {machine()}; torch {torch.__version__}, gloo over loopback TCP", flush=True)
+    print(bm.describe_machine(bm.machine_info()) + "\ngloo over loopback TCP", flush=True)
     total = make_checkpoint(folder, size)
     run_dir = folder
     if args.copies:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import struct
 import subprocess
@@ -37,6 +36,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from fst import benchmark as bm
 
 D, F = 2048, 8192  # model and MLP widths
 MiB, GiB = 1 << 20, 1 << 30
@@ -163,27 +164,6 @@ def warm(path: Path) -> None:
             pass
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = ""
-    try:
-        kb = int(next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal")).split()[1])
-        mem = f", {kb / (1 << 20):.0f} GiB RAM"
-    except (OSError, StopIteration):
-        pass
-    import jax
-
-    return (f"{cpu}, {os.cpu_count()} CPUs{mem}; Linux {platform.release()}; "
-            f"Python {platform.python_version()}; jax {jax.__version__}")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="2GiB")
@@ -207,7 +187,7 @@ def main() -> None:
         layouts = args.layout.split(",")
         load_before = os.getloadavg()[0]
         result = {
-            "machine": machine(),
+            "machine": bm.describe_machine(bm.machine_info()),
             "checkpoint": {"bytes": data_bytes, "tensors": len(tensors_of(size)), "dtype": "BF16"},
             "mesh": args.mesh, "repeat": args.repeat, "layouts": {},
         }

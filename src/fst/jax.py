@@ -60,6 +60,7 @@ from . import _core
 from ._api import DEFAULT_BUDGET, _backend, _record, _threads, open_checkpoint
 from ._paths import PathArg
 from ._progress import make_progress
+from .adapters.jax import _jax_device
 from .adapters.numpy import NUMPY_DTYPES
 from .errors import FstError, UnsupportedError
 
@@ -79,24 +80,6 @@ class PytreeMismatchError(FstError, ValueError):
 
 def _device_key(device: Any) -> str:
     return f"{device.platform}:{device.id}"
-
-
-def _local_device(device: Any) -> Any:
-    """A jax.Device of this process for `device` (a Device, "platform[:i]" or None)."""
-    if device is None:
-        return jax.local_devices()[0]
-    if isinstance(device, jax.Device):
-        return device
-    platform, _, index = str(device).partition(":")
-    platform = {"gpu": "cuda"}.get(platform, platform)
-    try:
-        devices = jax.local_devices(backend=platform)
-    except RuntimeError as exc:
-        raise UnsupportedError(f"device {device!r}: JAX has no {platform} backend ({exc})") from None
-    i = int(index) if index else 0
-    if i >= len(devices):
-        raise UnsupportedError(f"device {device!r}: this process has {len(devices)} {platform} device(s)")
-    return devices[i]
 
 
 def _replicated_over(sharding: Sharding) -> Sharding:
@@ -662,7 +645,7 @@ class ShardedLoad:
 
     def _plans(self, ckpt: Any, names: Optional[set], device: Any) -> list[_TensorPlan]:
         """A plan per tensor (all, or those in `names`), in file order."""
-        planner = _Planner(self.rules, _local_device(device))
+        planner = _Planner(self.rules, _jax_device(device))
         entries = ckpt.entries()
         if names is not None:
             entries = [e for e in entries if e[0] in names]

@@ -21,18 +21,20 @@ _CAST_TO = {
 
 
 def _jax_device(device: Any) -> Any:
+    """A jax.Device of this process for `device` (a Device, "platform[:i]", or None: the first)."""
+    if device is None:
+        return jax.local_devices()[0]
     if isinstance(device, jax.Device):
         return device
-    text = str(device)
-    platform, _, index = text.partition(":")
+    platform, _, index = str(device).partition(":")
     platform = {"gpu": "cuda"}.get(platform, platform)
     try:
-        devices = jax.devices(platform)
+        devices = jax.local_devices(backend=platform)
     except RuntimeError as exc:
         raise UnsupportedError(f"device {device!r}: JAX has no {platform} backend ({exc})") from None
     i = int(index) if index else 0
     if i >= len(devices):
-        raise UnsupportedError(f"device {device!r}: JAX has {len(devices)} {platform} device(s)")
+        raise UnsupportedError(f"device {device!r}: this process has {len(devices)} {platform} device(s)")
     return devices[i]
 
 
