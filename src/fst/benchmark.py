@@ -462,7 +462,7 @@ def _touch_numpy(arrays: Iterable[Any], touch: str) -> int:
     return acc
 
 
-def _touch(values: Iterable[Any], framework: str, touch: str) -> Optional[int]:
+def touch_tensors(values: Iterable[Any], framework: str, touch: str) -> Optional[int]:
     """Read one byte in every 4 KiB of every tensor ("pages"), every byte ("all") or nothing;
     returns the byte sum, equal for every loader that delivered the same bytes."""
     if touch == "none":
@@ -519,7 +519,7 @@ def make_runner(
         jnp.zeros(1).block_until_ready()  # start the runtime now, not inside the timed load
 
     def finish(tensors: dict[str, Any], extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-        out = {"tensors": len(tensors), "checksum": _touch(tensors.values(), framework, touch)}
+        out = {"tensors": len(tensors), "checksum": touch_tensors(tensors.values(), framework, touch)}
         out.update(extra or {})
         return out
 
