@@ -411,7 +411,8 @@ def fst_read(path: str) -> Parsed:
         else:
             # No numpy array can hold it: F4/F6, or a dim past what numpy allows (with a 0
             # elsewhere in the shape). load must say so with a clean error.
-            expected = fst.UnsupportedError if dtype not in NUMPY_DTYPES else ValueError
+            # (numpy's own ValueError, or fst's UnsupportedError for a dimension past 2^63-1).
+            expected = fst.UnsupportedError if dtype not in NUMPY_DTYPES else (ValueError, fst.UnsupportedError)
             try:
                 fst.load(path, framework="numpy", keys=[n])
             except expected:

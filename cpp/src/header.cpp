@@ -7,7 +7,6 @@
 #include <unordered_map>
 
 #include "detail/json_reader.hpp"
-#include "detail/name_index.hpp"
 #include "detail/posix_file.hpp"
 #include "fst/errors.hpp"
 
@@ -192,6 +191,59 @@ void read_metadata(JsonReader& r, FileHeader& h) {
   r.leave();
 }
 
+// The reference keeps tensors in a map: a name given twice keeps its last entry. Repeats are
+// found by hashing every name once, then within 256 partitions of the hashes, each small
+// enough to stay in cache (one table for 250,000 names missed the cache on every probe).
+void drop_repeated_names(std::vector<TensorEntry>& tensors) {
+  const std::size_t n = tensors.size();
+  if (n < 2) return;
+  std::vector<std::uint64_t> hashes(n);
+  for (std::size_t i = 0; i < n; ++i) hashes[i] = std::hash<std::string_view>()(tensors[i].name);
+  constexpr std::size_t kParts = 256;
+  std::vector<std::uint32_t> start(kParts + 1, 0);
+  for (std::uint64_t h : hashes) ++start[(h >> 56) + 1];
+  for (std::size_t p = 0; p < kParts; ++p) start[p + 1] += start[p];
+  std::vector<std::uint32_t> order(n), cursor(start.begin(), start.end() - 1);
+  for (std::uint32_t i = 0; i < n; ++i) order[cursor[hashes[i] >> 56]++] = i;  // stable: file order kept
+
+  constexpr std::uint32_t kFree = UINT32_MAX;
+  std::vector<bool> dead(n, false);
+  bool any = false;
+  std::vector<std::uint32_t> table;
+  for (std::size_t p = 0; p < kParts; ++p) {
+    const std::size_t count = start[p + 1] - start[p];
+    if (count < 2) continue;
+    std::size_t cap = 16;
+    while (cap < 2 * count) cap *= 2;
+    table.assign(cap, kFree);
+    for (std::size_t k = start[p]; k < start[p + 1]; ++k) {
+      const std::uint32_t i = order[k];
+      std::size_t s = hashes[i] & (cap - 1);
+      for (;; s = (s + 1) & (cap - 1)) {
+        const std::uint32_t j = table[s];
+        if (j == kFree) {
+          table[s] = i;
+          break;
+        }
+        if (hashes[j] == hashes[i] && tensors[j].name == tensors[i].name) {
+          dead[j] = true;  // the later entry replaces it
+          table[s] = i;
+          any = true;
+          break;
+        }
+      }
+    }
+  }
+  if (!any) return;
+  std::size_t out = 0;
+  for (std::size_t i = 0; i < n; ++i)
+    if (!dead[i]) {
+      if (out != i) tensors[out] = std::move(tensors[i]);
+      ++out;
+    }
+  tensors.resize(out);
+}
+
 [[noreturn]] void json_error(const std::string& path, const std::string& tensor,
                              const std::string& what, std::size_t pos) {
   throw HeaderError(path, tensor, HeaderRule::InvalidJson,
@@ -207,11 +259,7 @@ void parse_json(FileHeader& h, std::string_view json) {
     r.expect('{', "a JSON object");
     r.enter();
     bool seen_metadata = false;
-    // Indices into h.tensors, by name. Reserving by a small entry size (64 bytes of JSON)
-    // avoids regrowing for large headers.
-    const auto& tensors = h.tensors;
-    auto name_of = [&tensors](std::uint32_t i) -> std::string_view { return tensors[i].name; };
-    detail::NameIndex<decltype(name_of)> index(json.size() / 64, name_of);
+    // Reserving by a small entry size (64 bytes of JSON) avoids regrowing for large headers.
     h.tensors.reserve(json.size() / 64 + 16);
     std::string scratch;
     std::vector<std::uint64_t> offsets;
@@ -232,18 +280,13 @@ void parse_json(FileHeader& h, std::string_view json) {
         current = nullptr;  // errors after this entry are not about this tensor
         t.name = std::move(key);
         key = std::string();
-        // Names are unique in the reference's map; a repeated name replaces the earlier entry.
         h.tensors.push_back(std::move(t));
-        auto [slot, inserted] = index.insert(static_cast<std::uint32_t>(h.tensors.size() - 1));
-        if (!inserted) {
-          h.tensors[slot] = std::move(h.tensors.back());
-          h.tensors.pop_back();
-        }
       } while (r.consume(','));
       r.expect('}', "',' or '}'");
     }
     r.leave();
     r.finish();
+    drop_repeated_names(h.tensors);
   } catch (const JsonSyntaxError& e) {
     json_error(h.path, current ? *current : std::string(), e.what(), e.pos());
   } catch (const SchemaError& e) {

@@ -3,6 +3,7 @@
 #include <fnmatch.h>
 
 #include <algorithm>
+#include <mutex>
 #include <unordered_set>
 
 #include "fst/buffer.hpp"
@@ -38,18 +39,28 @@ Checkpoint::Checkpoint(const std::vector<std::string>& paths, unsigned threads) 
   all_.reserve(total);
   for (std::uint32_t fi = 0; fi < files_.size(); ++fi)
     for (std::uint32_t ti = 0; ti < files_[fi].tensors.size(); ++ti) all_.push_back(TensorRef{fi, ti});
-  by_name_ = std::make_unique<NameTable>(total, NameOf{this});
-  for (std::uint32_t i = 0; i < all_.size(); ++i) {
-    auto [other, inserted] = by_name_->insert(i);
-    if (!inserted)
-      throw HeaderError(files_[all_[i].file].path, entry(all_[i]).name, HeaderRule::DuplicateTensor,
-                        "the name is also in '" + files_[all_[other].file].path + "'");
-  }
+  // Names are unique within a file (the parser resolved repeats), so one file needs the name
+  // table only for lookups, built on the first one: a whole-checkpoint load never pays for it.
+  if (files_.size() > 1) build_name_table();
 }
 
 Checkpoint::~Checkpoint() = default;
 
+void Checkpoint::build_name_table() const {
+  std::call_once(name_table_once_, [this] {
+    auto table = std::make_unique<NameTable>(all_.size(), NameOf{this});
+    for (std::uint32_t i = 0; i < all_.size(); ++i) {
+      auto [other, inserted] = table->insert(i);
+      if (!inserted)
+        throw HeaderError(files_[all_[i].file].path, entry(all_[i]).name, HeaderRule::DuplicateTensor,
+                          "the name is also in '" + files_[all_[other].file].path + "'");
+    }
+    by_name_ = std::move(table);
+  });
+}
+
 const TensorRef* Checkpoint::find(std::string_view name) const {
+  build_name_table();
   std::uint32_t i = by_name_->find(name);
   return i == NameTable::kEmpty ? nullptr : &all_[i];
 }

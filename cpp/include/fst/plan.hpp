@@ -6,6 +6,7 @@
 #include <string>
 #include <string_view>
 #include <memory>
+#include <mutex>
 #include <vector>
 
 #include "fst/header.hpp"
@@ -65,7 +66,9 @@ class Checkpoint {
     std::string_view operator()(std::uint32_t i) const;
   };
   struct NameTable;
-  std::unique_ptr<NameTable> by_name_;  // indices into all_, by name
+  void build_name_table() const;
+  mutable std::once_flag name_table_once_;
+  mutable std::unique_ptr<NameTable> by_name_;  // indices into all_, by name
 };
 
 // Where each selected tensor goes in one host arena: slots aligned to `alignment`.
