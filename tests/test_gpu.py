@@ -5,6 +5,8 @@ Marked `gpu`; skipped without a CUDA device. scripts/gpu_check.sh runs them on a
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 import fst
@@ -125,3 +127,57 @@ def test_iter_tensors_on_cuda(tmp_path):
     assert sorted(streamed) == sorted(ref)
     for name, t in streamed.items():
         assert raw_bytes(t) == raw_bytes(ref[name])
+
+
+def _all_bit_patterns(tmp_path):
+    """Every bit pattern of F16 and BF16 and of the FP8 types, as tensors of one file."""
+    import json
+    import struct
+
+    import numpy as np
+
+    blobs = {
+        "F16": np.arange(1 << 16, dtype=np.uint16).tobytes(),
+        "BF16": np.arange(1 << 16, dtype=np.uint16).tobytes(),
+        "F8_E4M3": np.arange(256, dtype=np.uint8).tobytes(),
+        "F8_E5M2": np.arange(256, dtype=np.uint8).tobytes(),
+        "F8_E8M0": np.arange(256, dtype=np.uint8).tobytes(),
+    }
+    header, data, offset = {}, b"\x01", 1  # one stray byte: every tensor starts misaligned
+    header["pad"] = {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}
+    for dtype, blob in blobs.items():
+        width = 2 if dtype in ("F16", "BF16") else 1
+        header[dtype] = {"dtype": dtype, "shape": [len(blob) // width], "data_offsets": [offset, offset + len(blob)]}
+        data += blob
+        offset += len(blob)
+    text = json.dumps(header).encode()
+    path = tmp_path / "bits.safetensors"
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+    return path
+
+
+@pytest.mark.parametrize("target", ["F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"])
+def test_device_conversion_kernels_match_torch(tmp_path, target):
+    """Every bit pattern through the conversion kernel (dtype= on a GPU load), against
+    torch's CPU tensor.to(), bit for bit; small staging buffers so tensors span requests."""
+    torch_dtype = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                   "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}[target]
+    path = _all_bit_patterns(tmp_path)
+    keys = ["F16", "BF16", "F8_E4M3", "F8_E5M2"] + (["F8_E8M0"] if target in ("F64", "F32", "F16", "BF16") else [])
+    ref = fst.load(path, framework="torch", keys=keys)
+    os.environ["FST_STAGING_BUFFER"] = str(1 << 16)
+    try:
+        got = fst.load(path, framework="torch", device="cuda", dtype=target, keys=keys)
+    finally:
+        del os.environ["FST_STAGING_BUFFER"]
+    for name, t in got.items():
+        assert t.device.type == "cuda" and t.dtype == torch_dtype, name
+        want = ref[name].to(torch_dtype)
+        if raw_bytes(t) == raw_bytes(want):
+            continue
+        # torch's CPU cast itself writes different NaN payloads in its scalar tail than in its
+        # vector body: where the bits differ, both must be NaN.
+        a, b = t.cpu(), want
+        width = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        differ = a.view(width) != b.view(width)
+        assert bool(a[differ].float().isnan().all()) and bool(b[differ].float().isnan().all()), f"{name} -> {target}"
