@@ -134,7 +134,7 @@ unsigned StagedLoad::acquire_buffer() {
     busy_[lane] = true;
     must_wait = in_flight_[lane];
     in_flight_[lane] = false;
-    peak_in_use_ = std::max(peak_in_use_, ++in_use_);
+    ++in_use_;
   }
   if (must_wait) sink_->wait(lane);
   return lane;

@@ -93,7 +93,6 @@ class PendingLoad final : public AsyncLoad {
   TaskGroup group_;
   ReadPlan plan_;
   HostArena* arena_ = nullptr;  // where requests land (owned by result_.owners)
-  std::vector<int> fds_;  // borrowed from files_
   struct Files;
   std::unique_ptr<Files> files_;
   std::atomic<std::uint64_t> done_{0};

@@ -80,8 +80,6 @@ class StagedLoad final : public AsyncLoad {
   LoadedTensors wait(const std::function<bool()>& tick, int tick_ms = 100) override;
   std::uint64_t bytes_done() const noexcept override { return done_.load(std::memory_order_relaxed); }
   std::uint64_t bytes_total() const noexcept override { return result_.stats.bytes; }
-  // The largest number of staging buffers that were ever filled or in flight at once.
-  unsigned peak_buffers_in_use() const noexcept { return peak_in_use_; }
 
  private:
   unsigned acquire_buffer();
@@ -93,7 +91,6 @@ class StagedLoad final : public AsyncLoad {
   LoadedTensors result_;
   ReadPlan plan_;
   std::unique_ptr<StagingSink> sink_;
-  std::vector<int> fds_;
   struct Files;
   std::unique_ptr<Files> files_;
   std::vector<std::byte*> buffers_;
@@ -104,7 +101,7 @@ class StagedLoad final : public AsyncLoad {
   std::condition_variable ring_cv_;
   std::vector<bool> busy_;         // a thread is filling the buffer
   std::vector<bool> in_flight_;    // its copies may still be running: wait(lane) before reuse
-  unsigned in_use_ = 0, peak_in_use_ = 0;
+  unsigned in_use_ = 0;  // buffers being filled
   std::unique_ptr<ThreadPool> pool_;
   TaskGroup group_;
   std::atomic<std::uint64_t> done_{0};
