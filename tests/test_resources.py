@@ -95,3 +95,28 @@ def test_progress_callback_error_cancels_load(checkpoint):
     del pending
     assert len(calls) == 1
     assert snapshot()[:2] == (fds, threads)
+
+
+def test_keyboard_interrupt_stops_a_load_and_leaks_nothing(tmp_path):
+    """Ctrl-C during a load (the GIL is released while reading) ends it promptly with
+    KeyboardInterrupt, and every thread, descriptor and buffer of the load is released."""
+    import signal
+    import time
+
+    path = write(tmp_path / "m.safetensors", [(f"t{i}", "F32", [1024]) for i in range(400)])
+    fds, threads, _ = snapshot()
+    # A deliberately slow copy engine: 400 requests of 4 KiB, each copy started 5 ms late (2 s).
+    pending = fst.open_checkpoint(path).select(None).start_staged(-1, "pread", 2, 256, 8192, 4096,
+                                                                   host_copy_delay_us=5000)
+    signal.setitimer(signal.ITIMER_REAL, 0.3)
+    previous = signal.signal(signal.SIGALRM, signal.default_int_handler)
+    started = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pending.wait()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert time.monotonic() - started < 1.5
+    del pending
+    assert snapshot()[:2] == (fds, threads)
