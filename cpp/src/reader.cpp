@@ -191,8 +191,16 @@ PendingLoad::PendingLoad(std::shared_ptr<const Checkpoint> ckpt, std::vector<Pic
 
   pool_ = std::make_unique<ThreadPool>(opt_.threads);
   st.threads = pool_->size();
-  if (backend == Backend::Mmap) start_views(read_ahead);
-  else start_reads(backend == Backend::Direct);
+  try {
+    if (backend == Backend::Mmap) start_views(read_ahead);
+    else start_reads(backend == Backend::Direct);
+  } catch (...) {
+    // No destructor runs for a half-built load: stop the tasks already queued here, before
+    // the members they use go away.
+    group_.cancel();
+    group_.wait_for(-1);
+    throw;
+  }
 }
 
 PendingLoad::~PendingLoad() {
