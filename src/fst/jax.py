@@ -236,6 +236,10 @@ class _Planner:
         key = (sharding, shape)
         hit = self._maps.get(key)
         if hit is None:
+            spec = getattr(sharding, "spec", None)
+            if spec is not None and len(spec) > len(shape):
+                raise ValueError(f"tensor {name!r} of shape {shape}: {spec} names {len(spec)} dimensions, "
+                                 f"the tensor has {len(shape)}")
             try:
                 index_map = sharding.addressable_devices_indices_map(shape)
             except Exception as exc:  # IndivisibleError, rank mismatch, ... from jax
