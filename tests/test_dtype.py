@@ -110,3 +110,10 @@ def test_conversion_errors(floats, tmp_path):
     f4 = write(tmp_path / "f4.safetensors", [("w", "F4", [2, 4])])
     with pytest.raises(fst.UnsupportedError, match="from F4"):
         fst.load(f4, framework="torch", dtype="bf16")
+
+
+def test_dtype_with_sharded_loads_is_refused_not_ignored(floats):
+    jax = pytest.importorskip("jax")
+    mesh = jax.make_mesh((1,), ("x",))
+    with pytest.raises(fst.UnsupportedError, match="dtype= is not available"):
+        fst.load(floats, framework="jax", mesh=mesh, sharding={"*": jax.sharding.PartitionSpec()}, dtype="f32")

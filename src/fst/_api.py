@@ -11,6 +11,7 @@ from ._dtypes import dtype_rules
 from ._paths import PathArg, resolve
 from ._progress import make_progress
 from .adapters import get_adapter, start_load
+from .errors import UnsupportedError
 
 Keys = Optional[Union[str, Iterable[str]]]
 
@@ -61,23 +62,27 @@ def _torch_distributed_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _distributed_or_sharded(adapter, process_group, shard, sharding, mesh, replicate_rest):
+def _distributed_or_sharded(adapter, process_group, shard, sharding, mesh, replicate_rest, dtype):
     """The planner for a multi-rank torch load or a sharded JAX load, or None for a plain load."""
+    special = None
     if sharding is not None or mesh is not None or replicate_rest:
         if adapter.name != "jax":
             raise ValueError("sharding=, mesh= and replicate_rest= are for framework='jax'")
         from .jax import ShardedLoad
 
-        return ShardedLoad(sharding=sharding, mesh=mesh, replicate_rest=replicate_rest)
-    if adapter.name == "torch":
+        special = ShardedLoad(sharding=sharding, mesh=mesh, replicate_rest=replicate_rest)
+    elif adapter.name == "torch":
         if process_group is None and shard is None and not _torch_distributed_initialized():
             return None  # the common case decided without importing the distributed planner
         from .distributed import distributed_load_for
 
-        return distributed_load_for(process_group, shard)
-    if process_group is not None or shard is not None:
+        special = distributed_load_for(process_group, shard)
+    elif process_group is not None or shard is not None:
         raise ValueError("process_group= and shard= are for framework='torch'")
-    return None
+    if special is not None and dtype is not None:
+        raise UnsupportedError("dtype= is not available for distributed or sharded loads yet; "
+                               "convert the tensors after loading")
+    return special
 
 
 def load(
@@ -115,7 +120,7 @@ def load(
     """
     adapter = get_adapter(framework)
     adapter.check_device(device)
-    special = _distributed_or_sharded(adapter, process_group, shard, sharding, mesh, replicate_rest)
+    special = _distributed_or_sharded(adapter, process_group, shard, sharding, mesh, replicate_rest, dtype)
     if special is not None:
         return special.load(path, device=device, keys=_patterns(keys), backend=_backend(backend),
                             threads=_threads(threads), progress=progress)
@@ -160,7 +165,7 @@ def iter_tensors(
         budget = int(os.environ.get("FST_STAGING_BUDGET", DEFAULT_BUDGET))
     if budget <= 0:
         raise ValueError(f"budget must be positive, not {budget}")
-    special = _distributed_or_sharded(adapter, process_group, shard, sharding, mesh, replicate_rest)
+    special = _distributed_or_sharded(adapter, process_group, shard, sharding, mesh, replicate_rest, dtype)
     if special is not None:
         return special.iter_tensors(path, device=device, keys=_patterns(keys), backend=_backend(backend),
                                     threads=_threads(threads), progress=progress, budget=budget)
