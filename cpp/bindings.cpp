@@ -502,6 +502,14 @@ PYBIND11_MODULE(_core, m) {
         return out;
       }, py::arg("floating_default"), py::arg("rules"))
       .def_property_readonly("nbytes", &PySelection::nbytes)
+      .def("conversions", [](const PySelection& s) {
+        py::list out;  // (name, dtype) of every pick whose dtype the rules change
+        for (std::size_t i = 0; i < s.targets.size(); ++i) {
+          const TensorEntry& e = s.ckpt->entry(s.picks[i].ref);
+          if (s.targets[i] != e.dtype) out.append(py::make_tuple(py::str(e.name), std::string(dtype_name(s.targets[i]))));
+        }
+        return out;
+      })
       .def("names", [](const PySelection& s) {
         py::list out;
         for (const Pick& p : s.picks) out.append(py::str(s.ckpt->entry(p.ref).name));

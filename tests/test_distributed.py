@@ -408,6 +408,15 @@ def _scenario_main(rank, ws, tmp, results):
           [n for n in order if n in ("embed.weight", "lm_head.weight") or n.endswith(".q.weight")])
     expected += 1
 
+    # dtype=: shards converted after delivery, bit for bit what tensor.to() gives.
+    converting = ["embed.weight", "big.col", "layers.1.f8", "layers.1.mlp.gate", "bias"]
+    got = fst.load(folder, framework="torch", keys=converting, shard=SHARD, dtype={"layers.1.f8": "bf16", "*": "f32"})  # first match wins
+    want = {n: ref[n].to(torch.bfloat16 if n == "layers.1.f8" else torch.float32) for n in converting}
+    names = [n for n in order if n in converting]
+    _case(results, "dtype= on shards", got, fst.last_load_stats(), want, dims, ws, rank, names)
+    results["cases"][-1]["selected"] = sum(ref[n].numel() * ref[n].element_size() for n in names)  # as read
+    expected += 1
+
     # No shard rules: every rank gets everything, still read once.
     got = fst.load(folder, framework="torch")
     _case(results, "replicated", got, fst.last_load_stats(), ref, lambda n: None, ws, rank, order)

@@ -112,8 +112,17 @@ def test_conversion_errors(floats, tmp_path):
         fst.load(f4, framework="torch", dtype="bf16")
 
 
-def test_dtype_with_sharded_loads_is_refused_not_ignored(floats):
+def test_dtype_with_sharded_jax_loads(floats):
     jax = pytest.importorskip("jax")
     mesh = jax.make_mesh((1,), ("x",))
-    with pytest.raises(fst.UnsupportedError, match="dtype= is not available"):
-        fst.load(floats, framework="jax", mesh=mesh, sharding={"*": jax.sharding.PartitionSpec()}, dtype="f32")
+    sharding = {"*": jax.sharding.PartitionSpec("x")}
+    ref = fst.load(floats, framework="torch", keys=["BF16", "F16", "ints"])
+    got = fst.load(floats, framework="jax", mesh=mesh, sharding=sharding, dtype="f32", keys=["BF16", "F16", "ints"])
+    streamed = dict(fst.iter_tensors(floats, framework="jax", mesh=mesh, sharding=sharding, dtype="f32",
+                                     keys=["BF16", "F16", "ints"]))
+    for out in (got, streamed):
+        for name, arr in out.items():
+            want = ref[name].to(torch.float32) if ref[name].is_floating_point() else ref[name]
+            assert raw_bytes(arr) == raw_bytes(want), name
+            expected = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x"))
+            assert arr.sharding.is_equivalent_to(expected, arr.ndim), name

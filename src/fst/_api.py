@@ -11,7 +11,6 @@ from ._dtypes import dtype_rules
 from ._paths import PathArg, resolve
 from ._progress import make_progress
 from .adapters import get_adapter, start_load
-from .errors import UnsupportedError
 
 Keys = Optional[Union[str, Iterable[str]]]
 
@@ -62,7 +61,17 @@ def _torch_distributed_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _distributed_or_sharded(adapter, process_group, shard, sharding, mesh, replicate_rest, dtype):
+def _casts(path: PathArg, keys: Keys, dtype: Any, threads: Optional[int]) -> dict[str, str]:
+    """Name -> dtype for the tensors `dtype=` converts, for loads whose planner delivers the
+    file's dtypes: the framework converts those after delivery (elementwise, so the same on a
+    shard as on the whole tensor)."""
+    if dtype is None:
+        return {}
+    selection = open_checkpoint(path, threads).select(_patterns(keys))
+    return dict(selection.with_dtypes(*dtype_rules(dtype)).conversions())
+
+
+def _distributed_or_sharded(adapter, process_group, shard, sharding, mesh, replicate_rest):
     """The planner for a multi-rank torch load or a sharded JAX load, or None for a plain load."""
     special = None
     if sharding is not None or mesh is not None or replicate_rest:
@@ -79,9 +88,6 @@ def _distributed_or_sharded(adapter, process_group, shard, sharding, mesh, repli
         special = distributed_load_for(process_group, shard)
     elif process_group is not None or shard is not None:
         raise ValueError("process_group= and shard= are for framework='torch'")
-    if special is not None and dtype is not None:
-        raise UnsupportedError("dtype= is not available for distributed or sharded loads yet; "
-                               "convert the tensors after loading")
     return special
 
 
@@ -120,10 +126,15 @@ def load(
     """
     adapter = get_adapter(framework)
     adapter.check_device(device)
-    special = _distributed_or_sharded(adapter, process_group, shard, sharding, mesh, replicate_rest, dtype)
+    special = _distributed_or_sharded(adapter, process_group, shard, sharding, mesh, replicate_rest)
     if special is not None:
-        return special.load(path, device=device, keys=_patterns(keys), backend=_backend(backend),
-                            threads=_threads(threads), progress=progress)
+        casts = _casts(path, keys, dtype, threads)
+        out = special.load(path, device=device, keys=_patterns(keys), backend=_backend(backend),
+                           threads=_threads(threads), progress=progress)
+        for name, target in casts.items():
+            if name in out:
+                out[name] = adapter.cast(out[name], target)
+        return out
     ckpt = open_checkpoint(path, threads)
     selection = ckpt.select(_patterns(keys)).with_dtypes(*dtype_rules(dtype))
     pending = start_load(adapter, selection, device, _backend(backend), _threads(threads))
@@ -165,10 +176,14 @@ def iter_tensors(
         budget = int(os.environ.get("FST_STAGING_BUDGET", DEFAULT_BUDGET))
     if budget <= 0:
         raise ValueError(f"budget must be positive, not {budget}")
-    special = _distributed_or_sharded(adapter, process_group, shard, sharding, mesh, replicate_rest, dtype)
+    special = _distributed_or_sharded(adapter, process_group, shard, sharding, mesh, replicate_rest)
     if special is not None:
-        return special.iter_tensors(path, device=device, keys=_patterns(keys), backend=_backend(backend),
-                                    threads=_threads(threads), progress=progress, budget=budget)
+        casts = _casts(path, keys, dtype, threads)
+        stream = special.iter_tensors(path, device=device, keys=_patterns(keys), backend=_backend(backend),
+                                      threads=_threads(threads), progress=progress, budget=budget)
+        if not casts:
+            return stream
+        return ((name, adapter.cast(t, casts[name]) if name in casts else t) for name, t in stream)
     ckpt = open_checkpoint(path, threads)
     selection = ckpt.select(_patterns(keys)).with_dtypes(*dtype_rules(dtype))
     groups = selection.split(budget)

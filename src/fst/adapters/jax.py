@@ -66,6 +66,9 @@ class JaxAdapter:
             items[i] = (items[i][0], items[i][1].astype(_CAST_TO[target]))
         return dict(items)
 
+    def cast(self, array: jax.Array, target: str) -> jax.Array:
+        return array.astype(_CAST_TO[target])  # keeps the array's sharding
+
     def from_source(self, source: _core.TensorSource, name: str, lo: int | None, hi: int | None, device: Any) -> jax.Array:
         return self._wrap(name, source.tensor(name, lo, hi, _NO_BYTES), _jax_device(device))
 

@@ -75,6 +75,9 @@ class TorchAdapter:
             tensors[i] = tensors[i].to(_CAST_TO[target])
         return dict(zip(names, tensors))
 
+    def cast(self, tensor: torch.Tensor, target: str) -> torch.Tensor:
+        return tensor.to(_CAST_TO[target])
+
     def from_source(self, source: _core.TensorSource, name: str, lo: int | None, hi: int | None, device: Any) -> torch.Tensor:
         return self._wrap(name, source.tensor(name, lo, hi, _BYTES_FOR))
 
