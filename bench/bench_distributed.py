@@ -1,10 +1,13 @@
-"""Distributed load on one machine: fst (each byte read once, shards by collectives) against
-every rank running safetensors ``load_file`` and slicing.
+"""Distributed load on one machine: fst against every rank running safetensors ``load_file``
+and slicing.
 
     python bench/bench_distributed.py [--size 2GiB] [--ranks 4] [--repeat 3] [--cold]
 
-"safetensors+clone" also copies each rank's tensors into its own memory (safetensors'
-tensors are views of the shared page cache; fst's, like any loader that reads, are not).
+"safetensors+clone" also copies each rank's tensors into its own memory. "fst" is fst's
+default: ranks that share one machine and the same files map its page cache (strategy
+"local"); ranks that do not (--copies) read each byte once and deliver shards and replicated
+tensors by collectives. "fst-collective" forces the collective path (FST_DISTRIBUTED=collective),
+the one ranks on different machines take.
 
 The checkpoint (BF16, 4 files) is half tensors sharded on dimension 0 ("*.sharded") and half
 replicated tensors ("*.replicated"). Each run starts --ranks fresh processes in a gloo group;
@@ -95,7 +98,7 @@ def worker(mode: str, rank: int, ranks: int, port: int, folder: str, out: str) -
 
     dist.barrier()
     t0 = time.perf_counter()
-    if mode == "fst":
+    if mode.startswith("fst"):
         got = fst.load(folder, framework="torch", shard=SHARD)
         stats = fst.last_load_stats()
         read = stats["bytes_read"]
@@ -133,7 +136,8 @@ def run_once(mode: str, ranks: int, folder: Path, cold: bool) -> dict:
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         outs = [Path(tmp) / f"{r}.json" for r in range(ranks)]
-        env = dict(os.environ, OMP_NUM_THREADS="1")
+        strategy = "collective" if mode == "fst-collective" else "auto"
+        env = dict(os.environ, OMP_NUM_THREADS="1", FST_DISTRIBUTED=strategy)
         if Path("/sys/class/net/lo").exists():
             env.setdefault("GLOO_SOCKET_IFNAME", "lo")
         procs = [subprocess.Popen([sys.executable, __file__, "--worker", mode, str(r), str(ranks), str(port),
@@ -189,7 +193,7 @@ def main() -> None:
     if args.copies:
         cache += f"; every rank reads its own copy of the files ({args.ranks} copies: no shared page cache)"
     results = {}
-    for mode in ("safetensors", "safetensors+clone", "fst"):
+    for mode in ("safetensors", "safetensors+clone", "fst", "fst-collective"):
         runs = [run_once(mode, args.ranks, run_dir, cold) for _ in range(args.repeat)]
         results[mode] = runs
         walls = [r["wall"] for r in runs]
@@ -197,19 +201,19 @@ def main() -> None:
               + ", ".join(f"{w:.3f}" for w in walls) + f")  bytes read {runs[0]['read'] / total:.2f}x checkpoint"
               f"  per-rank tensors {runs[0]['held'] / (1 << 20):.0f} MiB", flush=True)
     st = statistics.median(r["wall"] for r in results["safetensors"])
-    fs = statistics.median(r["wall"] for r in results["fst"])
     sc = statistics.median(r["wall"] for r in results["safetensors+clone"])
     print(f"page cache: {cache}")
-    print(f"fst / (safetensors + clone: tensors in private memory, as fst delivers them) time ratio {fs / sc:.3f}")
-    print(f"fst / safetensors time ratio {fs / st:.3f}  (speedup {st / fs:.2f}x); "
-          f"bytes read: fst {results['fst'][0]['read'] / total:.2f}x, safetensors "
-          f"{results['safetensors'][0]['read'] / total:.2f}x the checkpoint")
-    s0 = results["fst"][-1]["stats"]
-    for s in s0:
-        print(f"  fst rank {s['rank']}: read {s['bytes_read'] / (1 << 20):.0f} MiB, sent {s['bytes_sent'] / (1 << 20):.0f} MiB, "
-              f"received {s['bytes_received'] / (1 << 20):.0f} MiB, staging peak {s['staging_peak'] / (1 << 20):.0f} MiB; "
-              f"plan {s['seconds_plan']:.3f} s, read {s['seconds_read']:.3f} s, copy {s['seconds_copy']:.3f} s, "
-              f"comm {s['seconds_comm']:.3f} s, total {s['seconds']:.3f} s [{s['backend']}]")
+    for mode in ("fst", "fst-collective"):
+        fs = statistics.median(r["wall"] for r in results[mode])
+        print(f"{mode}: time ratio {fs / st:.3f} to safetensors (speedup {st / fs:.2f}x), {fs / sc:.3f} to "
+              f"safetensors+clone; bytes read {results[mode][0]['read'] / total:.2f}x the checkpoint, "
+              f"safetensors {results['safetensors'][0]['read'] / total:.2f}x")
+        for s in results[mode][-1]["stats"]:
+            print(f"  rank {s['rank']} [{s['strategy']}, {s['backend']}]: read {s['bytes_read'] / (1 << 20):.0f} MiB, "
+                  f"sent {s['bytes_sent'] / (1 << 20):.0f} MiB, received {s['bytes_received'] / (1 << 20):.0f} MiB, "
+                  f"staging peak {s['staging_peak'] / (1 << 20):.0f} MiB; plan {s['seconds_plan']:.3f} s, "
+                  f"read {s['seconds_read']:.3f} s, copy {s['seconds_copy']:.3f} s, comm {s['seconds_comm']:.3f} s, "
+                  f"total {s['seconds']:.3f} s")
     if not args.dir:
         import shutil
 

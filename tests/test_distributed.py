@@ -179,12 +179,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn(tmp_path: Path, scenario: str, ws: int, timeout: float = 120, exits=None) -> list:
-    """Run `scenario` on `ws` ranks; every rank must exit (with `exits[r]`, default 0) in time."""
+def spawn(tmp_path: Path, scenario: str, ws: int, timeout: float = 120, exits=None,
+          strategy: str = "collective") -> list:
+    """Run `scenario` on `ws` ranks; every rank must exit (with `exits[r]`, default 0) in time.
+
+    The ranks of these tests share one machine, where fst's default for CPU targets is to map
+    the shared page cache (FST_DISTRIBUTED=auto): the collective path, the one ranks on
+    different machines take, is chosen explicitly unless `strategy` says otherwise."""
     port = free_port()
     out = tmp_path / f"out-{scenario}-{ws}"
     out.mkdir()
-    env = dict(os.environ, OMP_NUM_THREADS="1", FST_THREADS="2")
+    env = dict(os.environ, OMP_NUM_THREADS="1", FST_THREADS="2", FST_DISTRIBUTED=strategy)
     if Path("/sys/class/net/lo").exists():
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # not whatever the host name resolves to
     env.pop("FST_STAGING_BUDGET", None)
@@ -278,6 +283,24 @@ def test_a_stuck_or_dead_rank_does_not_hang_the_others(tmp_path, checkpoint):
     stuck, dead = results[0]["stuck"], results[0]["dead"]
     assert stuck["type"] == "DistributedLoadError" and stuck["seconds"] < 15, stuck
     assert dead["type"] == "DistributedLoadError" and dead["seconds"] < 15, dead
+
+
+@pytest.mark.parametrize("ws", [2, 3])
+def test_ranks_on_one_machine_map_the_shared_page_cache(tmp_path, checkpoint, ws):
+    shutil.copytree(checkpoint, tmp_path / "copy")
+    results = spawn(tmp_path, "local", ws, strategy="auto")
+    for res in results:
+        assert res["ok"] == res["expected_ok"], res
+        for case in res["cases"]:
+            assert case["bytes_sent"] == case["bytes_received"] == 0, case
+    errors = [{c["case"]: c for c in res["errors"]} for res in results]
+    for r in range(ws):
+        assert errors[r]["local on other files"]["type"] == "UnsupportedError", errors[r]
+        assert errors[r]["strategies differ"]["type"] == "DistributedLoadError", errors[r]
+        assert "FST_DISTRIBUTED" in errors[r]["strategies differ"]["message"]
+        want = "OSError" if r == 1 else "DistributedLoadError"
+        assert errors[r]["mapping fails on rank 1"]["type"] == want, errors[r]
+    assert "rank 1" in errors[0]["mapping fails on rank 1"]["message"]
 
 
 @pytest.mark.gpu
@@ -436,6 +459,73 @@ def _scenario_main(rank, ws, tmp, results):
     results["expected_ok"] = expected
 
 
+def _mapped_file(tensor) -> str:
+    """The file whose mapping holds the tensor's memory ('' for anonymous memory)."""
+    addr = tensor.data_ptr()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        lo, hi = (int(x, 16) for x in fields[0].split("-"))
+        if lo <= addr < hi:
+            return fields[5] if len(fields) > 5 else ""
+    return ""
+
+
+def _scenario_local(rank, ws, tmp, results):
+    from fst import distributed
+
+    folder = tmp / "ckpt"
+    ref, order = _reference(folder), _file_order(folder)
+    got = fst.load(folder, framework="torch", shard=SHARD)
+    stats = fst.last_load_stats()
+    assert stats["strategy"] == "local" and stats["collectives"] == 0, stats
+    _case(results, "load", got, stats, ref, shard_dim, ws, rank, order)
+    # Replicated tensors and dimension-0 shards are views of the file every rank maps.
+    assert _mapped_file(got["big.rep"]) == str(folder / "c.safetensors")
+    assert _mapped_file(got["lm_head.weight"]) == str(folder / "c.safetensors")
+    expected = 1
+
+    seen = list(fst.iter_tensors(folder, framework="torch", shard=SHARD, budget=700))
+    assert [n for n, _ in seen] == order
+    _case(results, "iter_tensors", dict(seen), fst.last_load_stats(), ref, shard_dim, ws, rank, order)
+    expected += 1
+
+    picked = [n for n in order if n.startswith("layers.1.") or n in ("bias", "big.rep", "step")]
+    got = fst.load(folder, framework="torch", keys=KEYS, shard=lambda n, shape, dtype: shard_dim(n),
+                   backend="pread")
+    assert fst.last_load_stats()["strategy"] == "local"
+    _case(results, "keys, callable rule, pread", got, fst.last_load_stats(), ref, shard_dim, ws, rank, picked)
+    expected += 1
+
+    converting = ["embed.weight", "big.col", "layers.1.f8", "bias"]
+    got = fst.load(folder, framework="torch", keys=converting, shard=SHARD, dtype="f32")
+    want = {n: ref[n].to(torch.float32) for n in converting}
+    _case(results, "dtype= on shards", got, fst.last_load_stats(), want, shard_dim, ws, rank,
+          [n for n in order if n in converting])
+    expected += 1
+    results["expected_ok"] = expected
+
+    results["errors"] = []
+    os.environ["FST_DISTRIBUTED"] = "local"
+    _expect_failure(results, "local on other files",
+                    lambda: fst.load(tmp / "copy" if rank == 1 else folder, framework="torch", shard=SHARD))
+    if rank == 0:
+        os.environ["FST_DISTRIBUTED"] = "collective"
+    _expect_failure(results, "strategies differ", lambda: fst.load(folder, framework="torch", shard=SHARD))
+    os.environ["FST_DISTRIBUTED"] = "auto"
+    real = distributed._Run._map_local
+
+    def failing(self, rows):
+        if self.me == 1:
+            raise OSError(5, "Input/output error (injected)")
+        return real(self, rows)
+
+    distributed._Run._map_local = failing
+    try:
+        _expect_failure(results, "mapping fails on rank 1", lambda: fst.load(folder, framework="torch", shard=SHARD))
+    finally:
+        distributed._Run._map_local = real
+
+
 def _expect_failure(results, name, fn):
     try:
         fn()
@@ -529,7 +619,7 @@ def _worker(scenario: str, rank: str, ws: str, port: str, tmp: str, out: str) ->
                             timeout=datetime.timedelta(seconds=30 if scenario == "dead" else 60))
     results = {"rank": rank_i, "cases": [], "ok": 0, "expected_ok": 0}
     run = {"main": _scenario_main, "errors": _scenario_errors, "dead": _scenario_dead,
-           "cuda": _scenario_cuda, "nccl": _scenario_cuda}[scenario]
+           "cuda": _scenario_cuda, "nccl": _scenario_cuda, "local": _scenario_local}[scenario]
     run(rank_i, ws_i, Path(tmp), results)
     Path(out, f"{rank}.json").write_text(json.dumps(results))
     if scenario == "dead":

@@ -15,6 +15,17 @@ first matching pattern wins; a value of None replicates) or is a callable
 name such as ``"BF16"``). For F4 the split applies to the torch tensor, whose last dimension
 counts pairs of values.
 
+Two strategies. Ranks with CPU targets on one machine, loading the same files, share its page
+cache: there every rank maps what it needs straight from the files (views for replicated
+tensors and dimension-0 shards, a copy of its part for other shards). The kernel reads each
+page from storage once, for whichever rank touches it first, replicated tensors exist once on
+the machine instead of once per rank, and no data crosses the process group. Everywhere else
+(ranks on several machines, CUDA targets, or ranks that see different copies of the files) the
+load is collective, as described below. ``FST_DISTRIBUTED=collective`` or ``local`` forces one
+(``local`` raises unless the ranks qualify); the default is ``auto``. The ranks learn whether they
+qualify in the agreement below, from a digest of the machine's boot id, host name and the
+files' device, inode, size and modification time.
+
 Plan. Every rank parses the headers (cheap) and computes the same plan from them. The selected
 tensors, in file order, are cut into steps of at most ``budget`` bytes (a tensor larger than a
 step is cut at dimension-0 row boundaries). Within a step:
@@ -56,8 +67,8 @@ others in the current and the next step (each about ``budget / world_size``) and
 send and receive buffers of one step. ``fst.load`` steps default to $FST_STAGING_BUDGET or 256
 MiB; ``iter_tensors`` takes ``budget``.
 
-Stats (``fst.last_load_stats()`` on each rank): ``bytes_read`` (checkpoint bytes this rank
-read, or mapped with the mmap backend), ``bytes_sent`` / ``bytes_received`` (payload bytes of
+Stats (``fst.last_load_stats()`` on each rank): ``strategy`` (``local`` or ``collective``),
+``bytes_read`` (checkpoint bytes this rank read, or mapped with the mmap backend), ``bytes_sent`` / ``bytes_received`` (payload bytes of
 the collectives: a broadcast counts once per receiver at its source), ``staging_peak``,
 ``seconds_plan`` / ``seconds_read`` / ``seconds_copy`` / ``seconds_comm`` (time blocked in each
 stage), ``steps``, ``collectives``, ``rank`` and ``world_size``.
@@ -79,8 +90,10 @@ import fnmatch
 import hashlib
 import json
 import os
+import socket
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional
 
 from . import _core
@@ -478,6 +491,37 @@ class DistributedLoad:
 
 # ---------------------------------------------------------------------------- runner --
 
+_STRATEGIES = ("auto", "collective", "local")
+
+
+def _strategy() -> str:
+    strategy = os.environ.get("FST_DISTRIBUTED", "auto").strip().lower() or "auto"
+    if strategy not in _STRATEGIES:
+        raise ValueError(f"FST_DISTRIBUTED={strategy!r}: expected one of {', '.join(_STRATEGIES)}")
+    return strategy
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _locality(files: list) -> bytes:
+    """A digest that ranks share exactly when they run on one machine (one boot of one kernel)
+    and see the same files (device, inode, size, modification time): their reads then go
+    through one page cache. Empty where the machine cannot be told apart."""
+    boot = _boot_id()
+    if not boot:
+        return b""
+    desc = [boot, socket.gethostname()]
+    for f in files:
+        st = os.stat(f)
+        desc.append([st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns])
+    return hashlib.sha256(json.dumps(desc).encode()).digest()
+
+
 
 def _now() -> float:
     return time.perf_counter()
@@ -512,8 +556,9 @@ class _Run:
         self._store: dict[Any, Any] = {}
         self._t0 = _now()
 
-        error, plan, ckpt = None, None, None
+        error, plan, ckpt, place = None, None, None, b""
         try:
+            strategy = _strategy()
             target, cdev = self._devices(device, group_backend)
             ckpt = open_checkpoint(path, threads)
             entries = ckpt.entries()
@@ -521,10 +566,21 @@ class _Run:
                 chosen = set(ckpt.select(keys).names())
                 entries = [e for e in entries if e[0] in chosen]
             plan = make_plan(entries, owner.rules, self.ws, budget)
+            if strategy != "collective" and target.type == "cpu":
+                place = _locality(ckpt.files)
         except Exception as exc:  # reported to every rank before raising
             error = exc
-        self._agree(error, plan.digest if plan is not None else b"")
+        # The strategy is part of what the ranks must agree on: a rank mapping while another
+        # waits in a collective would hang.
+        digest = hashlib.sha256(plan.digest + strategy.encode()).digest() if plan is not None else b""
+        colocated = self._agree(error, digest, place)
+        if strategy == "local" and not colocated:
+            raise UnsupportedError(
+                "FST_DISTRIBUTED=local needs CPU targets and every rank on this machine, reading the "
+                "same files (the ranks then share the page cache)")
+        self.local = colocated
         self.plan, self.ckpt, self.target, self.cdev = plan, ckpt, target, cdev
+        self.stats["strategy"] = "local" if colocated else "collective"
         self.stats["steps"] = len(plan.steps)
         # This rank's parts of the tensors sharded on d > 0 share one buffer per step.
         self._part_home: dict[int, tuple[int, int]] = {}
@@ -557,26 +613,27 @@ class _Run:
 
     # ---- agreement
 
-    def _record(self, error: Optional[BaseException], digest: bytes):
+    def _record(self, error: Optional[BaseException], digest: bytes, place: bytes):
         torch = self.torch
         msg = b"" if error is None else f"{type(error).__name__}: {error}".encode()[:_MSG]
-        raw = bytes([0 if error is None else 1]) + digest.ljust(32, b"\0") + len(msg).to_bytes(4, "little")
-        raw += msg.ljust(_MSG, b"\0")
+        raw = bytes([0 if error is None else 1]) + digest.ljust(32, b"\0") + place.ljust(32, b"\0")
+        raw += len(msg).to_bytes(4, "little") + msg.ljust(_MSG, b"\0")
         return torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(self.cdev)
 
-    def _gather(self, error, digest: bytes) -> list:
-        rec = self._record(error, digest)
+    def _gather(self, error, digest: bytes, place: bytes = b"") -> list:
+        """Every rank's (status, plan digest, message, locality)."""
+        rec = self._record(error, digest, place)
         out = [self.torch.empty_like(rec) for _ in range(self.ws)]
         self._collective("all_gather", out, rec, group=self.group)
         rows = []
         for t in out:
             b = bytes(t.cpu().numpy())
-            n = int.from_bytes(b[33:37], "little")
-            rows.append((b[0], b[1:33], b[37:37 + n].decode(errors="replace")))
+            n = int.from_bytes(b[65:69], "little")
+            rows.append((b[0], b[1:33], b[69:69 + n].decode(errors="replace"), b[33:65]))
         return rows
 
     def _raise_for(self, rows: list, error, when: str) -> None:
-        failed = [(r, msg) for r, (status, _, msg) in enumerate(rows) if status]
+        failed = [(r, row[2]) for r, row in enumerate(rows) if row[0]]
         if not failed:
             return
         if error is not None:
@@ -584,20 +641,23 @@ class _Run:
         what = "; ".join(f"rank {r}: {msg}" for r, msg in failed)
         raise DistributedLoadError(f"the load failed on another rank {when} ({what}); every rank stops")
 
-    def _agree(self, error, digest: bytes) -> None:
-        """Every rank learns whether every rank planned the same load; all raise otherwise."""
+    def _agree(self, error, digest: bytes, place: bytes) -> bool:
+        """Every rank learns whether every rank planned the same load; all raise otherwise.
+        Returns whether every rank gave the same non-empty locality `place`."""
         if self.ws == 1:
             if error is not None:
                 raise error
-            return
-        rows = self._gather(error, digest)
+            return bool(place)
+        rows = self._gather(error, digest, place)
         self._raise_for(rows, error, "while planning")
-        digests = {d for _, d, _ in rows}
+        digests = {row[1] for row in rows}
         if len(digests) > 1:
-            seen = ", ".join(f"rank {r} {d[:6].hex()}" for r, (_, d, _) in enumerate(rows))
+            seen = ", ".join(f"rank {r} {row[1][:6].hex()}" for r, row in enumerate(rows))
             raise DistributedLoadError(
                 "the ranks disagree on what to load (plan digests " + seen + "): every rank must "
-                "pass the same keys=, shard= and budget and see the same tensor names, dtypes and shapes")
+                "pass the same keys=, shard= and budget (and FST_DISTRIBUTED) and see the same tensor names, "
+                "dtypes and shapes")
+        return bool(place) and len({row[3] for row in rows}) == 1
 
     def _collective(self, name: str, *args, **kwargs):
         try:
@@ -877,10 +937,80 @@ class _Run:
         dtype = getattr(torch, _TORCH_DTYPES[t.dtype])
         return torch.empty(t.part_shape(self.me), dtype=dtype, device=self.target)
 
-    # ---- the data phase
+    # ---- the data phase, ranks sharing one page cache
+
+    def _local_rows(self) -> tuple[list, list]:
+        """What this rank maps: (name, first row, rows) picks, and per tensor its pick's index."""
+        me = self.me
+        rows, pick_of = [], []
+        for t in self.plan.tensors:
+            whole = (t.name, 0, _ALL_ROWS)
+            if t.kind == "empty":
+                pick_of.append(None)
+                continue
+            if t.kind == "own":
+                lo, hi = t.bounds[me], t.bounds[me + 1]
+                if hi <= lo:
+                    pick_of.append(None)
+                    continue
+                if t.rows > 1:
+                    whole = (t.name, lo, hi - lo)
+            pick_of.append(len(rows))
+            rows.append(whole)
+        return rows, pick_of
+
+    def _map_local(self, rows: list) -> list:
+        """This rank's tensors as raw bytes: views of the file mapping where the backend allows."""
+        pending = self._start(rows)
+        t = _now()
+        raw = self._wait(pending)
+        self.stats["seconds_read"] += _now() - t
+        return raw
+
+    def _local_tensors(self) -> Iterator[tuple[str, Any]]:
+        """Every rank maps what it needs from the page cache it shares with the others, so the
+        kernel reads each page from storage once, for whichever rank touches it first; shards
+        on dimension 0 map only the rank's rows, other shards copy the rank's part."""
+        callback, close = make_progress(self.progress if self.me == 0 else False, self.plan.nbytes,
+                                        f"fst load ({self.ws} ranks)")
+        try:
+            rows, pick_of = self._local_rows()
+            error, raw = None, []
+            try:
+                raw = self._map_local(rows)
+            except Exception as exc:  # reported to every rank before raising
+                error = exc
+            self._check(error, "while mapping")
+            if callback is not None:
+                callback(self.plan.nbytes, self.plan.nbytes)
+            for t, i in zip(self.plan.tensors, pick_of):
+                t0 = _now()
+                if i is None:
+                    x = self._empty(t)
+                elif t.kind == "scat":
+                    lo, hi = t.byte_bounds(self.me)
+                    part = raw[i].view(t.byte_shape).narrow(t.dim, lo, hi - lo).contiguous()
+                    x = self._typed(part, t, t.part_shape(self.me))
+                else:
+                    x = self._typed(raw[i], t, t.part_shape(self.me))
+                if i is not None:
+                    raw[i] = None  # a whole tensor mapped for one part need not outlive the part
+                self.stats["seconds_copy"] += _now() - t0
+                self.stats["tensors"] += 1
+                self.stats["bytes"] += x.numel() * x.element_size()
+                yield t.name, x
+        finally:
+            close()
+        self.stats["seconds"] = _now() - self._t0
+        _record(self.stats, "torch")
+
+    # ---- the data phase, collectives
 
     def tensors(self) -> Iterator[tuple[str, Any]]:
         """Yield (name, tensor) in file order as steps finish; every rank must run to the end."""
+        if self.local:
+            yield from self._local_tensors()
+            return
         steps = self.plan.steps
         callback, close = make_progress(self.progress if self.me == 0 else False, self.plan.nbytes,
                                         f"fst load ({self.ws} ranks)")
