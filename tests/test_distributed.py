@@ -293,6 +293,25 @@ def test_ranks_on_one_machine_map_the_shared_page_cache(tmp_path, checkpoint, ws
         assert res["ok"] == res["expected_ok"], res
         for case in res["cases"]:
             assert case["bytes_sent"] == case["bytes_received"] == 0, case
+    # The ranks' read-ahead shares cover every byte of the selected tensors exactly once.
+    covered = {}
+    for res in results:
+        for f, runs in res["share"].items():
+            covered.setdefault(f, []).extend(runs)
+    want = {}
+    for e in fst.open_checkpoint(checkpoint).entries():
+        if e[4] > e[3]:
+            want.setdefault(str(e[5]), []).append([e[6], e[4] - e[3]])
+    for f in want:
+        merged = []
+        for off, n in sorted(covered[f]):
+            assert not merged or merged[-1][0] + merged[-1][1] <= off, (f, merged[-1], off)  # no byte twice
+            if merged and merged[-1][0] + merged[-1][1] == off:
+                merged[-1][1] += n
+            else:
+                merged.append([off, n])
+        assert merged == [[min(o for o, _ in want[f]), sum(n for _, n in want[f])]], f
+    assert set(covered) == set(want)
     errors = [{c["case"]: c for c in res["errors"]} for res in results]
     for r in range(ws):
         assert errors[r]["local on other files"]["type"] == "UnsupportedError", errors[r]
@@ -503,6 +522,9 @@ def _scenario_local(rank, ws, tmp, results):
           [n for n in order if n in converting])
     expected += 1
     results["expected_ok"] = expected
+    run = distributed._Run(distributed.DistributedLoad(None, SHARD), folder, "cpu", None, "auto", 0, False, 700)
+    assert run.local
+    results["share"] = run._share()
 
     results["errors"] = []
     os.environ["FST_DISTRIBUTED"] = "local"

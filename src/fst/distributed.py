@@ -19,7 +19,10 @@ Two strategies. Ranks with CPU targets on one machine, loading the same files, s
 cache: there every rank maps what it needs straight from the files (views for replicated
 tensors and dimension-0 shards, a copy of its part for other shards). The kernel reads each
 page from storage once, for whichever rank touches it first, replicated tensors exist once on
-the machine instead of once per rank, and no data crosses the process group. Everywhere else
+the machine instead of once per rank, and no data crosses the process group. With the auto
+backend, each rank first asks the kernel to read ahead its part of the plan below (what it
+would read on the collective path), so storage sees every byte requested once, by the ranks in
+parallel. Everywhere else
 (ranks on several machines, CUDA targets, or ranks that see different copies of the files) the
 load is collective, as described below. ``FST_DISTRIBUTED=collective`` or ``local`` forces one
 (``local`` raises unless the ranks qualify); the default is ``auto``. The ranks learn whether they
@@ -68,7 +71,9 @@ send and receive buffers of one step. ``fst.load`` steps default to $FST_STAGING
 MiB; ``iter_tensors`` takes ``budget``.
 
 Stats (``fst.last_load_stats()`` on each rank): ``strategy`` (``local`` or ``collective``),
-``bytes_read`` (checkpoint bytes this rank read, or mapped with the mmap backend), ``bytes_sent`` / ``bytes_received`` (payload bytes of
+``bytes_read`` (checkpoint bytes this rank read, or mapped with the mmap backend; with the
+local strategy, the bytes of its share it asked the kernel to read ahead, none when the files
+were already in the page cache), ``bytes_mapped`` (local strategy: bytes served as views), ``bytes_sent`` / ``bytes_received`` (payload bytes of
 the collectives: a broadcast counts once per receiver at its source), ``staging_peak``,
 ``seconds_plan`` / ``seconds_read`` / ``seconds_copy`` / ``seconds_comm`` (time blocked in each
 stage), ``steps``, ``collectives``, ``rank`` and ``world_size``.
@@ -580,6 +585,7 @@ class _Run:
                 "same files (the ranks then share the page cache)")
         self.local = colocated
         self.plan, self.ckpt, self.target, self.cdev = plan, ckpt, target, cdev
+        self.entries = entries
         self.stats["strategy"] = "local" if colocated else "collective"
         self.stats["steps"] = len(plan.steps)
         # This rank's parts of the tensors sharded on d > 0 share one buffer per step.
@@ -959,11 +965,60 @@ class _Run:
             rows.append(whole)
         return rows, pick_of
 
+    def _share(self) -> dict:
+        """File index -> merged [offset, length] ranges of this rank's part of the plan (what
+        the collective path would have it read): between them, the ranks' parts cover every
+        selected byte once."""
+        me = self.me
+        parts = []  # (file, offset, length)
+        for step in self.plan.steps:
+            for t in step.own:
+                lo, hi = t.bounds[me], t.bounds[me + 1]
+                if hi > lo:
+                    e = self.entries[t.index]
+                    parts.append((e[5], e[6] + lo * t.row_bytes, (hi - lo) * t.row_bytes if t.rows > 1 else t.nbytes))
+            for p in step.shared:
+                if p.reader == me:
+                    e = self.entries[p.t.index]
+                    parts.append((e[5], e[6] + (0 if p.whole else p.lo * p.t.row_bytes), p.nbytes))
+        spans: dict[int, list] = {}
+        for f, off, n in sorted(parts):
+            runs = spans.setdefault(f, [])
+            if runs and runs[-1][0] + runs[-1][1] == off:
+                runs[-1][1] += n
+            else:
+                runs.append([off, n])
+        return spans
+
+    def _read_ahead_share(self) -> None:
+        """Ask the kernel to read this rank's part of the plan into the shared page cache, so
+        that storage sees each byte requested once and the ranks' requests run in parallel;
+        the pages any rank touches before they arrive wait for them."""
+        files = self.ckpt.files
+        for f, runs in self._share().items():
+            if _core.page_cache_residency(files[f]) >= 0.98:
+                continue
+            fd = os.open(files[f], os.O_RDONLY)
+            try:
+                for off, n in runs:
+                    os.posix_fadvise(fd, off, n, os.POSIX_FADV_WILLNEED)
+                    self.stats["bytes_read"] += n
+            finally:
+                os.close(fd)
+
     def _map_local(self, rows: list) -> list:
-        """This rank's tensors as raw bytes: views of the file mapping where the backend allows."""
-        pending = self._start(rows)
+        """This rank's tensors as raw bytes: views of the file mapping where the backend allows
+        (the `auto` backend maps, its read-ahead done by the ranks' shares)."""
         t = _now()
-        raw = self._wait(pending)
+        backend = self.backend
+        if backend == "auto":
+            self._read_ahead_share()
+            backend = "mmap"
+        sel = self.ckpt.select_rows(rows)
+        self.stats["bytes_mapped"] = sel.nbytes if backend == "mmap" else 0
+        if backend != "mmap":
+            self.stats["bytes_read"] += sel.nbytes
+        raw = self._wait(sel.start(backend, self.threads, _ALIGN, 0, True))
         self.stats["seconds_read"] += _now() - t
         return raw
 
