@@ -7,12 +7,13 @@
 (b) the same file into JAX CPU arrays, warm: fst.load vs safetensors.flax.load_file;
 (c) with --many-tensors: one file of 250,000 tiny tensors into numpy: fst.load vs
     safetensors.numpy.load_file, and the header parse alone (fst.open_checkpoint vs
-    safetensors.safe_open(...).keys()).
+    safetensors.safe_open(...).keys());
+(d) with --many-tensors: the same file into torch, warm: fst.load vs safetensors.torch.load_file.
 
 Every load runs in a fresh process; the time is the child's own, from just before the load
 call to after one byte in every 4 KiB page of every tensor has been read ((c) reads nothing
 after loading: its data is 4 MB, and touching 250,000 tensors would cost more than loading
-them). Cold runs drop the page cache before each load. Medians over --repeat runs.
+them; the same for (d)). Cold runs drop the page cache before each load. Medians over --repeat runs.
 Results go to <out>/results.json and <out>/results.md (and a PNG per case with matplotlib).
 """
 
@@ -138,6 +139,11 @@ def main(argv: list[str] | None = None) -> int:
                                               "fst.load vs safetensors.numpy.load_file; header parse alone: "
                                               "fst.open_checkpoint vs safetensors.safe_open().keys()",
                           "results": res})
+            log("(d) many tensors -> torch, warm")
+            res = bm.run_benchmark(many, framework="torch", repeat=args.repeat, cold=False, warm=True, touch="none",
+                                   compare=("safetensors",), log=log)
+            cases.append({"id": "d", "title": f"{args.tensors:,} tiny F32 tensors, one file -> torch CPU: "
+                                              "fst.load vs safetensors.torch.load_file", "results": res})
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
