@@ -263,6 +263,7 @@ def test_failures_raise_on_every_rank(tmp_path, checkpoint):
     want = {
         # case: (rank 0's exception, rank 1's exception)
         "truncated on rank 1": ("DistributedLoadError", "HeaderError"),
+        "truncated on rank 1, dtype=": ("DistributedLoadError", "HeaderError"),
         "truncated everywhere": ("HeaderError", "HeaderError"),
         "missing key": ("KeyError", "KeyError"),
         "bad shard rule": ("ValueError", "ValueError"),
@@ -564,6 +565,8 @@ def _scenario_errors(rank, ws, tmp, results):
     results["errors"] = []
     _expect_failure(results, "truncated on rank 1",
                     lambda: fst.load(bad if rank == 1 else good, framework="torch", shard=SHARD))
+    _expect_failure(results, "truncated on rank 1, dtype=",
+                    lambda: fst.load(bad if rank == 1 else good, framework="torch", shard=SHARD, dtype="f32"))
     _expect_failure(results, "truncated everywhere", lambda: fst.load(bad, framework="torch", shard=SHARD))
     _expect_failure(results, "missing key", lambda: fst.load(good, framework="torch", keys=["nope"], shard=SHARD))
     _expect_failure(results, "bad shard rule", lambda: fst.load(good, framework="torch", shard={"step": 0}))

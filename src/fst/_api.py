@@ -128,9 +128,11 @@ def load(
     adapter.check_device(device)
     special = _distributed_or_sharded(adapter, process_group, shard, sharding, mesh, replicate_rest)
     if special is not None:
-        casts = _casts(path, keys, dtype, threads)
         out = special.load(path, device=device, keys=_patterns(keys), backend=_backend(backend),
                            threads=_threads(threads), progress=progress)
+        # After the load, whose planning every rank agreed on: a bad file raises on every rank
+        # there, where parsing it here first would raise on one rank and leave the others waiting.
+        casts = _casts(path, keys, dtype, threads)
         for name, target in casts.items():
             if name in out:
                 out[name] = adapter.cast(out[name], target)
@@ -178,9 +180,9 @@ def iter_tensors(
         raise ValueError(f"budget must be positive, not {budget}")
     special = _distributed_or_sharded(adapter, process_group, shard, sharding, mesh, replicate_rest)
     if special is not None:
-        casts = _casts(path, keys, dtype, threads)
         stream = special.iter_tensors(path, device=device, keys=_patterns(keys), backend=_backend(backend),
                                       threads=_threads(threads), progress=progress, budget=budget)
+        casts = _casts(path, keys, dtype, threads)  # after the ranks agreed (see load)
         if not casts:
             return stream
         return ((name, adapter.cast(t, casts[name]) if name in casts else t) for name, t in stream)
