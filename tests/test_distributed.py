@@ -510,9 +510,13 @@ def _scenario_local(rank, ws, tmp, results):
     expected += 1
 
     picked = [n for n in order if n.startswith("layers.1.") or n in ("bias", "big.rep", "step")]
+    os.environ["FST_STAGING_BUDGET"] = "1000"
     got = fst.load(folder, framework="torch", keys=KEYS, shard=lambda n, shape, dtype: shard_dim(n),
                    backend="pread")
-    assert fst.last_load_stats()["strategy"] == "local"
+    del os.environ["FST_STAGING_BUDGET"]
+    stats = fst.last_load_stats()
+    assert stats["strategy"] == "local" and stats["steps"] > 5 and stats["bytes_mapped"] == 0, stats
+    assert _mapped_file(got["big.rep"]) != str(folder / "c.safetensors")
     _case(results, "keys, callable rule, pread", got, fst.last_load_stats(), ref, shard_dim, ws, rank, picked)
     expected += 1
 
@@ -537,10 +541,10 @@ def _scenario_local(rank, ws, tmp, results):
     os.environ["FST_DISTRIBUTED"] = "auto"
     real = distributed._Run._map_local
 
-    def failing(self, rows):
+    def failing(self, rows, backend):
         if self.me == 1:
             raise OSError(5, "Input/output error (injected)")
-        return real(self, rows)
+        return real(self, rows, backend)
 
     distributed._Run._map_local = failing
     try:

@@ -945,24 +945,24 @@ class _Run:
 
     # ---- the data phase, ranks sharing one page cache
 
-    def _local_rows(self) -> tuple[list, list]:
-        """What this rank maps: (name, first row, rows) picks, and per tensor its pick's index."""
+    def _local_rows(self, tensors: list) -> tuple[list, list]:
+        """What this rank loads of `tensors`: (name, first row, rows) picks, and per tensor its
+        pick's index (None: nothing to load)."""
         me = self.me
         rows, pick_of = [], []
-        for t in self.plan.tensors:
-            whole = (t.name, 0, _ALL_ROWS)
-            if t.kind == "empty":
-                pick_of.append(None)
-                continue
+        for t in tensors:
+            pick = (t.name, 0, _ALL_ROWS)
             if t.kind == "own":
                 lo, hi = t.bounds[me], t.bounds[me + 1]
-                if hi <= lo:
-                    pick_of.append(None)
-                    continue
-                if t.rows > 1:
-                    whole = (t.name, lo, hi - lo)
+                if t.rows > 1 and hi > lo:
+                    pick = (t.name, lo, hi - lo)
+                elif hi <= lo:
+                    pick = None
+            if t.kind == "empty" or pick is None:
+                pick_of.append(None)
+                continue
             pick_of.append(len(rows))
-            rows.append(whole)
+            rows.append(pick)
         return rows, pick_of
 
     def _share(self) -> dict:
@@ -1006,58 +1006,71 @@ class _Run:
             finally:
                 os.close(fd)
 
-    def _map_local(self, rows: list) -> list:
-        """This rank's tensors as raw bytes: views of the file mapping where the backend allows
-        (the `auto` backend maps, its read-ahead done by the ranks' shares)."""
+    def _map_local(self, rows: list, backend: str) -> list:
+        """Loads `rows` (picks) as raw bytes: views of the file mapping with the mmap backend."""
         t = _now()
-        backend = self.backend
-        if backend == "auto":
-            self._read_ahead_share()
-            backend = "mmap"
         sel = self.ckpt.select_rows(rows)
-        self.stats["bytes_mapped"] = sel.nbytes if backend == "mmap" else 0
-        if backend != "mmap":
+        if backend == "mmap":
+            self.stats["bytes_mapped"] += sel.nbytes
+        else:
             self.stats["bytes_read"] += sel.nbytes
         raw = self._wait(sel.start(backend, self.threads, _ALIGN, 0, True))
         self.stats["seconds_read"] += _now() - t
         return raw
 
     def _local_tensors(self) -> Iterator[tuple[str, Any]]:
-        """Every rank maps what it needs from the page cache it shares with the others, so the
+        """Every rank loads what it needs from the page cache it shares with the others, so the
         kernel reads each page from storage once, for whichever rank touches it first; shards
-        on dimension 0 map only the rank's rows, other shards copy the rank's part."""
+        on dimension 0 load only the rank's rows, other shards copy the rank's part. Mapped
+        tensors cost no memory of the rank's own, so they are mapped at once; a backend that
+        reads (pread, direct) goes step by step, within the budget."""
         callback, close = make_progress(self.progress if self.me == 0 else False, self.plan.nbytes,
                                         f"fst load ({self.ws} ranks)")
+        mapped = self.backend in ("auto", "mmap")
+        backend = "mmap" if mapped else self.backend
+        groups = [self.plan.tensors] if mapped else [step.done for step in self.plan.steps]
+        self.stats["bytes_mapped"] = 0
+        done = 0
+        error: Optional[BaseException] = None
         try:
-            rows, pick_of = self._local_rows()
-            error, raw = None, []
-            try:
-                raw = self._map_local(rows)
-            except Exception as exc:  # reported to every rank before raising
-                error = exc
-            self._check(error, "while mapping")
-            if callback is not None:
-                callback(self.plan.nbytes, self.plan.nbytes)
-            for t, i in zip(self.plan.tensors, pick_of):
+            if self.backend == "auto":
+                try:
+                    self._read_ahead_share()
+                except Exception as exc:  # reported to every rank before raising
+                    error = exc
+            for k, group in enumerate(groups):
+                rows, pick_of = self._local_rows(group)
+                raw: list = []
+                if error is None:
+                    try:
+                        raw = self._map_local(rows, backend)
+                    except Exception as exc:
+                        error = exc
+                self._check(error, f"in step {k + 1} of {len(groups)}")
+                out = []
                 t0 = _now()
-                if i is None:
-                    x = self._empty(t)
-                elif t.kind == "scat":
-                    lo, hi = t.byte_bounds(self.me)
-                    part = raw[i].view(t.byte_shape).narrow(t.dim, lo, hi - lo).contiguous()
-                    x = self._typed(part, t, t.part_shape(self.me))
-                else:
-                    x = self._typed(raw[i], t, t.part_shape(self.me))
-                if i is not None:
-                    raw[i] = None  # a whole tensor mapped for one part need not outlive the part
+                for t, i in zip(group, pick_of):
+                    if i is None:
+                        x = self._empty(t)
+                    elif t.kind == "scat":
+                        lo, hi = t.byte_bounds(self.me)
+                        part = raw[i].view(t.byte_shape).narrow(t.dim, lo, hi - lo).contiguous()
+                        x = self._typed(part, t, t.part_shape(self.me))
+                    else:
+                        x = self._typed(raw[i], t, t.part_shape(self.me))
+                    out.append((t.name, x))
+                    self.stats["tensors"] += 1
+                    self.stats["bytes"] += x.numel() * x.element_size()
+                del raw  # whole tensors loaded for one part need not outlive the parts
                 self.stats["seconds_copy"] += _now() - t0
-                self.stats["tensors"] += 1
-                self.stats["bytes"] += x.numel() * x.element_size()
-                yield t.name, x
+                done += sum(t.nbytes for t in group)
+                if callback is not None:
+                    callback(done, self.plan.nbytes)
+                self.stats["seconds"] = _now() - self._t0
+                _record(self.stats, "torch")
+                yield from out
         finally:
             close()
-        self.stats["seconds"] = _now() - self._t0
-        _record(self.stats, "torch")
 
     # ---- the data phase, collectives
 
