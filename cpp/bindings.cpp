@@ -17,6 +17,7 @@
 #include "fst/convert.hpp"
 #include "fst/export.hpp"
 #include "fst/fixup.hpp"
+#include "fst/gds.hpp"
 #include "fst/plan.hpp"
 #include "fst/reader.hpp"
 #include "fst/source.hpp"
@@ -269,6 +270,7 @@ struct PyLoaded {
 struct PyPending {
   std::unique_ptr<AsyncLoad> pending;
   std::shared_ptr<const Checkpoint> ckpt;
+  std::string note;  // put before the load's own reason in its stats (why auto chose this path)
 
   PyLoaded wait(py::object progress) {
     if (!pending) throw Error("this load was already collected");
@@ -299,6 +301,7 @@ struct PyPending {
       throw;
     }
     pending.reset();
+    if (!note.empty()) loaded.stats.reason = note + "; " + loaded.stats.reason;
     if (!progress.is_none()) progress(loaded.stats.bytes, loaded.stats.bytes);
     return PyLoaded{std::move(loaded), ckpt};
   }
@@ -534,7 +537,7 @@ PYBIND11_MODULE(_core, m) {
       .def("start", [](const PySelection& s, const std::string& backend, unsigned threads,
                        std::uint64_t alignment, std::uint64_t view_alignment, bool allow_views) {
         ReadOptions opt = read_options(backend, threads, alignment, view_alignment, allow_views);
-        PyPending p{nullptr, s.ckpt};
+        PyPending p{nullptr, s.ckpt, {}};
         py::gil_scoped_release release;
         p.pending = std::make_unique<PendingLoad>(s.ckpt, s.picks, opt, s.targets);
         return p;
@@ -544,21 +547,75 @@ PYBIND11_MODULE(_core, m) {
       // with a host copy engine (device = -1: the same pipeline, checkable without a GPU).
       .def("start_staged", [](const PySelection& s, int device, const std::string& backend, unsigned threads,
                               std::uint64_t alignment, std::uint64_t budget, std::uint64_t buffer_bytes,
-                              unsigned host_copy_delay_us, bool host_converts) {
+                              unsigned host_copy_delay_us, bool host_converts, const std::string& note) {
         StagingOptions opt;
         opt.backend = backend_from_name(backend);
         opt.threads = threads;
         opt.alignment = alignment;
         opt.budget = budget;
         opt.buffer_bytes = buffer_bytes;
-        PyPending p{nullptr, s.ckpt};
+        PyPending p{nullptr, s.ckpt, note};
         py::gil_scoped_release release;
         auto sink = device < 0 ? make_host_sink(alignment, host_copy_delay_us, host_converts) : make_cuda_sink(device);
         p.pending = std::make_unique<StagedLoad>(s.ckpt, s.picks, opt, std::move(sink), s.targets);
         return p;
       }, py::arg("device"), py::arg("backend") = "pread", py::arg("threads") = 0, py::arg("alignment") = 256,
          py::arg("budget") = 128u << 20, py::arg("buffer_bytes") = 16u << 20,
-         py::arg("host_copy_delay_us") = 0, py::arg("host_converts") = true);
+         py::arg("host_copy_delay_us") = 0, py::arg("host_converts") = true, py::arg("note") = "")
+      // The GDS plan itself, for tests: per window, its reads (file, offset, length, needed,
+      // bulk offset), moves (bulk offset, slot offset, bytes, pick), conversions (bulk offset,
+      // slot offset, count, from, to, pick) and the bulk bytes it uses.
+      .def("plan_gds", [](const PySelection& s, std::uint64_t alignment, std::uint64_t request_bytes,
+                          std::uint64_t bulk_bytes, std::uint64_t merge_gap) {
+        GdsOptions opt;
+        opt.alignment = alignment;
+        opt.request_bytes = request_bytes;
+        opt.bulk_bytes = bulk_bytes;
+        opt.merge_gap = merge_gap;
+        GdsPlan plan = plan_gds(*s.ckpt, s.picks, s.targets, opt);
+        py::list windows;
+        for (const GdsWindow& w : plan.windows) {
+          py::list reads, moves, converts;
+          for (const BulkRead& r : w.reads) reads.append(py::make_tuple(r.file, r.file_offset, r.length, r.needed, r.bulk_offset));
+          for (const BulkMove& m : w.moves) moves.append(py::make_tuple(m.bulk_offset, m.slot_offset, m.bytes, m.pick));
+          for (const BulkConvert& c : w.converts)
+            converts.append(py::make_tuple(c.bulk_offset, c.slot_offset, c.count, std::string(dtype_name(c.from)),
+                                           std::string(dtype_name(c.to)), c.pick));
+          py::dict d;
+          d["reads"] = reads;
+          d["moves"] = moves;
+          d["converts"] = converts;
+          d["bulk_used"] = w.bulk_used;
+          windows.append(d);
+        }
+        py::dict out;
+        out["windows"] = windows;
+        out["slots"] = plan.placement.offsets;
+        out["arena_bytes"] = plan.placement.size;
+        out["bulk_bytes"] = plan.bulk_bytes;
+        out["bytes_read"] = plan.bytes_read;
+        return out;
+      }, py::arg("alignment") = 256, py::arg("request_bytes") = 16u << 20, py::arg("bulk_bytes") = 512u << 20,
+         py::arg("merge_gap") = 1u << 20)
+      // GPU Direct Storage into device memory (device >= 0), or the same plan run on host
+      // memory with the host twins of the kernels (device = -1: checkable without a GPU).
+      .def("start_gds", [](const PySelection& s, int device, unsigned threads, std::uint64_t alignment,
+                           std::uint64_t request_bytes, std::uint64_t bulk_bytes, const std::string& bundled_library,
+                           std::uint64_t merge_gap) {
+        GdsOptions opt;
+        opt.threads = threads;
+        opt.alignment = alignment;
+        opt.request_bytes = request_bytes;
+        opt.bulk_bytes = bulk_bytes;
+        opt.merge_gap = merge_gap;
+        PyPending p{nullptr, s.ckpt, {}};
+        py::gil_scoped_release release;
+        auto dev = device < 0 ? make_host_gds_device() : make_cufile_device(device, bundled_library);
+        p.pending = std::make_unique<GdsLoad>(s.ckpt, s.picks, opt, std::move(dev), s.targets);
+        return p;
+      }, py::arg("device"), py::arg("threads") = 0, py::arg("alignment") = 256,
+         py::arg("request_bytes") = 16u << 20, py::arg("bulk_bytes") = 512u << 20,
+         py::arg("bundled_library") = "", py::arg("merge_gap") = 1u << 20);
 
   py::class_<PyCheckpoint>(m, "Checkpoint")
       .def(py::init([](const std::vector<std::string>& paths, unsigned threads) {
@@ -621,14 +678,20 @@ PYBIND11_MODULE(_core, m) {
     d["devices"] = i.devices;
     return d;
   });
-  m.def("cufile_info", [] {
-    CufileInfo i = cufile_info();
+  m.def("cufile_info", [](const std::string& bundled_library) {
+    CufileInfo i;
+    {
+      py::gil_scoped_release release;  // the first call opens the cuFile driver
+      i = cufile_info(bundled_library);
+    }
     py::dict d;
     d["available"] = i.available;
     d["reason"] = i.reason;
     d["library"] = i.library;
+    d["compat_mode"] = i.compat_mode;
+    d["driver"] = i.driver;
     return d;
-  });
+  }, py::arg("bundled_library") = "");
   m.def("direct_io_supported", [](const std::string& path) {
     int err = 0;
     bool ok = direct_io_supported(path, err);

@@ -21,6 +21,8 @@ $py -c "import fst, json; print(json.dumps(fst.runtime_info(), indent=1, default
 
 echo "== gpu tests"
 $py -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$out/pytest_gpu.log" | tail -15
+# The GDS plan and the cuFile shim's reasons, against this machine's real libcufile and driver.
+$py -m pytest -q tests/test_gds.py -p no:cacheprovider 2>&1 | tee "$out/pytest_gds.log" | tail -5
 
 echo "== benchmark"
 data=$(mktemp -d /tmp/fst_bench.XXXX)

@@ -172,12 +172,108 @@ def test_device_conversion_kernels_match_torch(tmp_path, target):
         del os.environ["FST_STAGING_BUFFER"]
     for name, t in got.items():
         assert t.device.type == "cuda" and t.dtype == torch_dtype, name
-        want = ref[name].to(torch_dtype)
-        if raw_bytes(t) == raw_bytes(want):
-            continue
-        # torch's CPU cast itself writes different NaN payloads in its scalar tail than in its
-        # vector body: where the bits differ, both must be NaN.
-        a, b = t.cpu(), want
-        width = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
-        differ = a.view(width) != b.view(width)
-        assert bool(a[differ].float().isnan().all()) and bool(b[differ].float().isnan().all()), f"{name} -> {target}"
+        _same_bits_or_both_nan(t, ref[name].to(torch_dtype), f"{name} -> {target}")
+
+
+def _same_bits_or_both_nan(t, want, label):
+    if raw_bytes(t) == raw_bytes(want):
+        return
+    # torch's CPU cast itself writes different NaN payloads in its scalar tail than in its
+    # vector body: where the bits differ, both must be NaN.
+    a, b = t.cpu(), want
+    width = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    differ = a.view(width) != b.view(width)
+    assert bool(a[differ].float().isnan().all()) and bool(b[differ].float().isnan().all()), label
+
+
+# ---------------------------------------------------------------- GPU Direct Storage -------
+
+GDS = fst._runtime.cufile_info() if CUDA else {"available": False, "reason": "no CUDA device"}
+needs_gds = pytest.mark.skipif(not GDS["available"], reason=f"cuFile is not usable: {GDS['reason']}")
+
+
+@needs_gds
+@pytest.mark.parametrize("prefix", [b"", b"\x01\x02\x03"], ids=["aligned", "shift3"])
+def test_gds_every_dtype_bit_exact_and_aligned(tmp_path, prefix):
+    path = every_dtype(tmp_path, prefix)
+    got = fst.load(path, framework="torch", device="cuda", backend="gds")
+    stats = fst.last_load_stats()
+    assert stats["backend"] == "gds", stats
+    ref = reference(path)
+    assert sorted(got) == sorted(ref)
+    for name, t in got.items():
+        assert t.device.type == "cuda" and t.dtype == ref[name].dtype, name
+        assert t.data_ptr() % 256 == 0, name
+        assert raw_bytes(t) == raw_bytes(ref[name]), name
+
+
+@needs_gds
+def test_gds_small_bulk_buffer_many_files_and_filters(tmp_path, monkeypatch):
+    """A 64 KiB device buffer read 16 KiB at a time: many windows, tensors cut between them."""
+    monkeypatch.setenv("FST_GDS_BUFFER", str(1 << 16))
+    monkeypatch.setenv("FST_STAGING_BUFFER", str(1 << 14))
+    for k in range(3):
+        write(tmp_path / f"part{k}.safetensors",
+              [(f"p{k}.pad", "U8", [k + 1])] + [(f"p{k}.w{i}", "BF16", [k + 1, 9000 + i]) for i in range(10)], seed=k)
+    ref = {}
+    for f in sorted(tmp_path.glob("*.safetensors")):
+        ref.update(reference(f))
+    for keys in (None, ["p1.*", "p2.w[357]"]):
+        got = fst.load(tmp_path, framework="torch", device="cuda", backend="gds", keys=keys)
+        assert fst.last_load_stats()["backend"] == "gds"
+        assert got and all(k in ref for k in got)
+        for name, t in got.items():
+            assert t.data_ptr() % 256 == 0, name
+            assert raw_bytes(t) == raw_bytes(ref[name]), name
+
+
+@needs_gds
+@pytest.mark.parametrize("target", ["F32", "BF16", "F8_E4M3"])
+def test_gds_converts_on_the_device(tmp_path, target, monkeypatch):
+    torch_dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F8_E4M3": torch.float8_e4m3fn}[target]
+    path = _all_bit_patterns(tmp_path)
+    keys = ["F16", "BF16", "F8_E4M3", "F8_E5M2"]
+    ref = fst.load(path, framework="torch", keys=keys)
+    monkeypatch.setenv("FST_GDS_BUFFER", str(1 << 16))  # tensors cut between windows too
+    got = fst.load(path, framework="torch", device="cuda", backend="gds", dtype=target, keys=keys)
+    assert fst.last_load_stats()["backend"] == "gds"
+    for name, t in got.items():
+        assert t.device.type == "cuda" and t.dtype == torch_dtype and t.data_ptr() % 256 == 0, name
+        _same_bits_or_both_nan(t, ref[name].to(torch_dtype), f"{name} -> {target}")
+
+
+@needs_gds
+def test_gds_repeated_loads_leak_no_device_memory_fds_or_threads(tmp_path):
+    import gc
+
+    import psutil
+
+    path = write(tmp_path / "m.safetensors", [(f"t{i}", "BF16", [1024, 1024]) for i in range(16)], prefix=b"\x01")
+    for _ in range(3):
+        fst.load(path, framework="torch", device="cuda", backend="gds")
+    torch.cuda.synchronize()
+    gc.collect()
+    proc = psutil.Process()
+    before = torch.cuda.mem_get_info()[0], len(os.listdir("/proc/self/fd")), proc.num_threads()
+    for _ in range(30):
+        d = fst.load(path, framework="torch", device="cuda", backend="gds")
+        del d
+    torch.cuda.synchronize()
+    gc.collect()
+    after = torch.cuda.mem_get_info()[0], len(os.listdir("/proc/self/fd")), proc.num_threads()
+    assert after[0] >= before[0] - (8 << 20)
+    assert after[1:] == before[1:]
+
+
+def test_auto_gpu_load_uses_gds_only_where_it_really_works(tmp_path):
+    path = write(tmp_path / "m.safetensors", [("a", "F32", [1000]), ("b", "BF16", [33, 7])], prefix=b"\x01")
+    got = fst.load(path, framework="torch", device="cuda")
+    stats = fst.last_load_stats()
+    use_gds, why = fst._runtime.gds_choice()
+    if use_gds:
+        assert stats["backend"] == "gds" or stats["reason"].startswith("GPU Direct Storage not used: "), stats
+    else:
+        assert stats["backend"] == "pread" and stats["reason"].startswith(why + "; "), stats
+    ref = reference(path)
+    for name, t in got.items():
+        assert raw_bytes(t) == raw_bytes(ref[name]), name

@@ -58,14 +58,15 @@ const char* backend_name(Backend b) noexcept {
     case Backend::Pread: return "pread";
     case Backend::Direct: return "direct";
     case Backend::Mmap: return "mmap";
+    case Backend::Gds: return "gds";
   }
   return "?";
 }
 
 Backend backend_from_name(const std::string& name) {
-  for (Backend b : {Backend::Auto, Backend::Pread, Backend::Direct, Backend::Mmap})
+  for (Backend b : {Backend::Auto, Backend::Pread, Backend::Direct, Backend::Mmap, Backend::Gds})
     if (name == backend_name(b)) return b;
-  throw std::invalid_argument("unknown backend '" + name + "' (expected auto, pread, direct or mmap)");
+  throw std::invalid_argument("unknown backend '" + name + "' (expected auto, pread, direct, mmap or gds)");
 }
 
 namespace {
@@ -164,6 +165,7 @@ PendingLoad::PendingLoad(std::shared_ptr<const Checkpoint> ckpt, std::vector<Pic
     if (used[f]) files_->files[f] = detail::PosixFile(headers[f].path, O_RDONLY);
 
   Backend backend = opt_.backend;
+  if (backend == Backend::Gds) throw UnsupportedError(kGdsNeedsGpu);
   if (backend == Backend::Mmap && !opt_.allow_views)
     throw UnsupportedError("backend 'mmap' gives zero-copy views and only serves CPU targets");
   bool read_ahead = false;

@@ -24,6 +24,7 @@ TensorSource::TensorSource(std::shared_ptr<const Checkpoint> ckpt, const ReadOpt
   for (const auto& h : headers) state_->files.emplace_back(h.path, O_RDONLY);
   state_->maps.resize(headers.size());
   backend_ = opt_.backend;
+  if (backend_ == Backend::Gds) throw UnsupportedError(kGdsNeedsGpu);
   if (backend_ == Backend::Mmap && !opt_.allow_views)
     throw UnsupportedError("backend 'mmap' gives zero-copy views and only serves CPU targets");
   if (backend_ == Backend::Auto) {

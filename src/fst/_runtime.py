@@ -2,24 +2,75 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
+from pathlib import Path
 from typing import Any, Optional
 
 from . import _core
 
 
+@functools.lru_cache(maxsize=None)
+def bundled_cufile() -> str:
+    """libcufile.so.0 of the pip package nvidia-cufile, or "" when it is not installed.
+
+    The CUDA 12 wheels put it in nvidia/cufile/lib/, later ones in nvidia/cu<N>/lib/. Found by
+    looking along sys.path, so nothing is imported.
+    """
+    for entry in sys.path:
+        base = Path(entry or ".") / "nvidia"
+        if not base.is_dir():
+            continue
+        for lib in [base / "cufile" / "lib" / "libcufile.so.0", *sorted(base.glob("cu*/lib/libcufile.so.0"))]:
+            if lib.is_file():
+                return str(lib)
+    return ""
+
+
+def cufile_info() -> dict[str, Any]:
+    """cuFile's state: available (library, CUDA device, driver opens), reason, library,
+    compat_mode (no nvidia-fs: cuFile reads through POSIX itself) and driver."""
+    return _core.cufile_info(bundled_cufile())
+
+
+def gds_choice() -> tuple[bool, str]:
+    """Whether an automatic GPU load tries GPU Direct Storage, and why (not).
+
+    Only where it really helps: cuFile usable and not in compatibility mode (which is POSIX
+    reads inside cuFile, no better than fst's own staging), and the kernels that align the
+    tensors after the bulk reads built in. The files themselves are checked when the load
+    opens and registers them.
+    """
+    info = cufile_info()
+    if not info["available"]:
+        return False, f"GPU Direct Storage not used: {info['reason']}"
+    if info["compat_mode"]:
+        return False, f"GPU Direct Storage not used: cuFile would run in compatibility mode ({info['driver']})"
+    if not _core.HAVE_KERNELS:
+        return False, "GPU Direct Storage not used: this build has no CUDA kernels (FST_CUDA=OFF or no nvcc)"
+    return True, f"GPU Direct Storage: cuFile with {info['driver']}"
+
+
 def runtime_info(path: Optional[str] = None) -> dict[str, Any]:
-    """Version, build, threads, CUDA driver and cuFile state, and (for `path`) the backend an
-    automatic CPU load would choose, with the measurements behind the choice."""
+    """Version, build, threads, CUDA driver and cuFile state, which backend a GPU load would
+    use, and (for `path`) the backend an automatic CPU load would choose, with the
+    measurements behind the choice."""
     from . import __version__
 
+    use_gds, why = gds_choice()
     info: dict[str, Any] = {
         "version": __version__,
         "cuda_kernels_built": bool(_core.HAVE_KERNELS),
         "threads": _core.default_threads(),
         "cuda_driver": _core.cuda_driver_info(),
-        "cufile": _core.cufile_info(),
-        "gpu_loading": "pinned staging buffers + cuMemcpyHtoDAsync (GPU Direct Storage is not in this build)",
+        "cufile": cufile_info(),
+        "gpu_backend": {"backend": "gds" if use_gds else "pread", "reason": why},
+        "gpu_loading": (
+            "GPU Direct Storage: cuFile reads into device memory, one batched kernel launch aligns the tensors"
+            if use_gds
+            else f"pinned staging buffers + cuMemcpyHtoDAsync ({why})"
+        ),
         "environment": {k: v for k, v in os.environ.items() if k.startswith("FST_")},
     }
     if path is not None:
@@ -38,4 +89,7 @@ def runtime_info(path: Optional[str] = None) -> dict[str, Any]:
             "auto_backend": source.backend,
             "auto_reason": source.reason,
         }
+        if use_gds and not direct_ok:
+            # GDS reads with O_DIRECT: the automatic GPU load falls back for these files.
+            info["gpu_backend"] = {"backend": "pread", "reason": f"GPU Direct Storage not used: no O_DIRECT ({direct_why})"}
     return info

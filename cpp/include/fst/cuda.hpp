@@ -17,17 +17,28 @@ struct CudaDriverInfo {
 };
 CudaDriverInfo cuda_driver_info();
 
+// Whether GPU Direct Storage can run here: the library loads, a CUDA device is present and the
+// cuFile driver opens. `bundled_library` is the pip package's copy (nvidia-cufile), tried after
+// $FST_CUFILE_LIBRARY and the soname.
 struct CufileInfo {
   bool available = false;
   std::string reason;
-  std::string library;  // the path or soname that loaded
+  std::string library;       // the path or soname that loaded
+  bool compat_mode = false;  // no nvidia-fs: cuFile reads through POSIX inside the library
+  std::string driver;        // "nvidia-fs 2.17", or what compatibility mode means
 };
-CufileInfo cufile_info();
+CufileInfo cufile_info(const std::string& bundled_library = "");
 
 class StagingSink;
+class GdsDevice;
 // A staging sink whose destination is device memory of CUDA device `device` (its primary
 // context, shared with torch and JAX); it converts dtypes with the embedded kernels. Throws
 // CudaError when CUDA is unavailable (or, from allocate(), when the device is out of memory).
 std::unique_ptr<StagingSink> make_cuda_sink(int device);
+
+// The GPU Direct Storage device of a GdsLoad (see gds.hpp) on CUDA device `device`: cuFile reads
+// into device memory, the embedded kernels align and convert. Throws UnsupportedError with the
+// reason when cuFile is unusable (see cufile_info) or fst was built without its kernels.
+std::unique_ptr<GdsDevice> make_cufile_device(int device, const std::string& bundled_library);
 
 }  // namespace fst

@@ -16,8 +16,11 @@
 
 namespace fst {
 
-enum class Backend { Auto, Pread, Direct, Mmap };
+enum class Backend { Auto, Pread, Direct, Mmap, Gds };
 const char* backend_name(Backend b) noexcept;
+// Why a host load refuses Backend::Gds (it reads into GPU memory only).
+inline constexpr const char* kGdsNeedsGpu =
+    "backend 'gds' (GPU Direct Storage) reads into GPU memory; host targets use auto, pread, direct or mmap";
 Backend backend_from_name(const std::string& name);  // throws std::invalid_argument
 
 struct ReadOptions {

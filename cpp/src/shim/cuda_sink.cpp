@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cstring>
 #include <deque>
-#include <map>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -14,75 +13,13 @@
 #include "detail/kernel_abi.hpp"
 #include "fst/errors.hpp"
 #include "shim/cuda_api.hpp"
+#include "shim/cuda_device.hpp"
 
 namespace fst {
 
 namespace {
 
 using namespace cuda;
-
-// One cuMemAlloc'ed block in the primary context of `device`.
-class DeviceArena final : public Buffer {
- public:
-  DeviceArena(int device, std::uint64_t bytes) : device_(device) {
-    const Driver& d = Driver::get();
-    ScopedDevice scope(device);
-    size_ = bytes;
-    CUdeviceptr ptr = 0;
-    // A zero-byte arena still gets an address for empty tensors to point at.
-    CUresult r = d.cuMemAlloc(&ptr, bytes ? bytes : 256);
-    if (r == kErrorOutOfMemory) {
-      std::size_t free = 0, total = 0;
-      d.cuMemGetInfo(&free, &total);
-      throw CudaError("out of GPU memory on cuda:" + std::to_string(device) + ": the load needs " +
-                      std::to_string(bytes) + " bytes, " + std::to_string(free) + " are free");
-    }
-    check(r, "cuMemAlloc");
-    data_ = reinterpret_cast<std::byte*>(static_cast<std::uintptr_t>(ptr));
-  }
-  ~DeviceArena() override {
-    const Driver& d = Driver::get();
-    try {
-      ScopedDevice scope(device_);
-      d.cuMemFree(static_cast<CUdeviceptr>(reinterpret_cast<std::uintptr_t>(data_)));
-    } catch (...) {
-      // The driver may already be shut down at interpreter exit: nothing left to free then.
-    }
-  }
-
- private:
-  int device_;
-};
-
-// The batched conversion kernel of the embedded fatbin, loaded once per device.
-struct ConvertKernel {
-  CUfunction function = nullptr;
-  unsigned sm_count = 1;
-};
-
-const ConvertKernel& convert_kernel(int device) {
-  static std::mutex mu;
-  static std::map<int, ConvertKernel> loaded;
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = loaded.find(device);
-  if (it != loaded.end()) return it->second;
-  const Driver& d = Driver::get();
-  ScopedDevice scope(device);
-  const kernels::FatbinImage* image = nullptr;
-  for (std::size_t i = 0; i < kernels::kFatbinCount; ++i)
-    if (std::string(kernels::kFatbins[i].name) == "convert") image = &kernels::kFatbins[i];
-  if (!image) throw CudaError("fst was built without its CUDA kernels (FST_CUDA=OFF or no nvcc)");
-  CUmodule module = nullptr;  // kept for the life of the process, like the function in it
-  check(d.cuModuleLoadData(&module, image->begin), "cuModuleLoadData (fst conversion kernels)");
-  ConvertKernel k;
-  check(d.cuModuleGetFunction(&k.function, module, kernels::kConvertKernel), "cuModuleGetFunction");
-  CUdevice dev;
-  check(d.cuDeviceGet(&dev, device), "cuDeviceGet");
-  int sms = 1;
-  d.cuDeviceGetAttribute(&sms, kAttrMultiprocessorCount, dev);
-  k.sm_count = static_cast<unsigned>(sms);
-  return loaded.emplace(device, k).first->second;
-}
 
 class CudaSink final : public StagingSink {
  public:
@@ -107,7 +44,7 @@ class CudaSink final : public StagingSink {
   }
 
   std::shared_ptr<Buffer> allocate(std::uint64_t bytes) override {
-    return std::make_shared<DeviceArena>(device_, bytes);
+    return make_device_arena(device_, bytes);
   }
 
   std::byte* staging_buffer(unsigned lane, std::size_t bytes) override {
@@ -152,7 +89,7 @@ class CudaSink final : public StagingSink {
 
   void convert_async(unsigned lane, const std::vector<kernels::ConvertTask>& tasks) override {
     const Driver& d = Driver::get();
-    const ConvertKernel& kernel = convert_kernel(device_);
+    const BatchKernel& kernel = batch_kernel(device_, "convert", kernels::kConvertKernel);
     Lane& l = lanes_[lane];
     // The lane's task list is free: the lane is reused only after its stream has drained.
     std::memcpy(l.host_tasks, tasks.data(), tasks.size() * sizeof(kernels::ConvertTask));
@@ -160,12 +97,8 @@ class CudaSink final : public StagingSink {
           "cuMemcpyHtoDAsync (task list)");
     std::uint64_t bytes = 0;
     for (const auto& t : tasks) bytes += t.count * 8;  // an upper bound of the wider side
-    auto* list = reinterpret_cast<const kernels::ConvertTask*>(static_cast<std::uintptr_t>(l.device_tasks));
-    auto n = static_cast<std::uint32_t>(tasks.size());
-    void* params[] = {&list, &n};
-    check(d.cuLaunchKernel(kernel.function, kernels::suggested_grid(bytes, kernel.sm_count), 1, 1,
-                           kernels::kBlockThreads, 1, 1, 0, l.stream, params, nullptr),
-          "cuLaunchKernel (fst_convert_batch)");
+    launch_batch(kernel, l.device_tasks, static_cast<std::uint32_t>(tasks.size()), bytes, l.stream,
+                 "cuLaunchKernel (fst_convert_batch)");
   }
 
   void wait(unsigned lane) override {

@@ -51,22 +51,44 @@ GPU_ALIGNMENT = 256  # every tensor fst places on a GPU starts on a 256-byte bou
 
 
 def start_load(adapter: Adapter, selection: _core.Selection, device: Any, backend: str, threads: int):
-    """Start reading `selection` for `device`: host backends for host memory, the pinned
-    staging pipeline for a GPU."""
+    """Start reading `selection` for `device`: host backends for host memory; for a GPU, GPU
+    Direct Storage when asked for (or, with "auto", where it really works), else the pinned
+    staging pipeline, with the reason GDS was not used in the load's stats."""
     index = adapter.cuda_index(device)
     if index is None:
         return selection.start(backend, threads, adapter.alignment, adapter.view_alignment, True)
-    if backend == "gds":
-        raise UnsupportedError("backend 'gds' (GPU Direct Storage) is not part of this build")
     if backend == "mmap":
-        raise UnsupportedError("backend 'mmap' gives zero-copy host views; GPU targets use pread or direct")
+        raise UnsupportedError("backend 'mmap' gives zero-copy host views; GPU targets use pread, direct or gds")
+    request_bytes = int(os.environ.get("FST_STAGING_BUFFER", 16 << 20))
+    note = ""
+    if backend in ("gds", "auto"):
+        from .._runtime import bundled_cufile, gds_choice
+
+        use_gds, note = gds_choice() if backend == "auto" else (True, "")
+        if use_gds:
+            try:
+                return selection.start_gds(
+                    index,
+                    threads,
+                    GPU_ALIGNMENT,
+                    request_bytes,
+                    int(os.environ.get("FST_GDS_BUFFER", 512 << 20)),
+                    bundled_cufile(),
+                )
+            except UnsupportedError as exc:
+                if backend == "gds":
+                    raise
+                # Opening or registering a file failed (no O_DIRECT, a file system GDS
+                # cannot serve): the staged path reads it.
+                note = f"GPU Direct Storage not used: {exc}"
     return selection.start_staged(
         index,
         "pread" if backend == "auto" else backend,
         threads,
         GPU_ALIGNMENT,
         int(os.environ.get("FST_PINNED_BUDGET", 128 << 20)),
-        int(os.environ.get("FST_STAGING_BUFFER", 16 << 20)),
+        request_bytes,
+        note=note,
     )
 
 

@@ -1,0 +1,119 @@
+// Device memory, streams, pinned host memory and the embedded batch kernels (cuda_device.hpp).
+#include "shim/cuda_device.hpp"
+
+#include <map>
+#include <mutex>
+#include <string>
+#include <utility>
+
+#include "detail/fatbin.hpp"
+#include "detail/kernel_abi.hpp"
+#include "fst/errors.hpp"
+
+namespace fst::cuda {
+
+namespace {
+
+class DeviceArena final : public Buffer {
+ public:
+  DeviceArena(int device, std::uint64_t bytes) : device_(device) {
+    const Driver& d = Driver::get();
+    ScopedDevice scope(device);
+    size_ = bytes;
+    CUdeviceptr ptr = 0;
+    // A zero-byte arena still gets an address for empty tensors to point at.
+    CUresult r = d.cuMemAlloc(&ptr, bytes ? bytes : 256);
+    if (r == kErrorOutOfMemory) {
+      std::size_t free = 0, total = 0;
+      d.cuMemGetInfo(&free, &total);
+      throw CudaError("out of GPU memory on cuda:" + std::to_string(device) + ": the load needs " +
+                      std::to_string(bytes) + " bytes, " + std::to_string(free) + " are free");
+    }
+    check(r, "cuMemAlloc");
+    data_ = reinterpret_cast<std::byte*>(static_cast<std::uintptr_t>(ptr));
+  }
+  ~DeviceArena() override {
+    const Driver& d = Driver::get();
+    try {
+      ScopedDevice scope(device_);
+      d.cuMemFree(static_cast<CUdeviceptr>(reinterpret_cast<std::uintptr_t>(data_)));
+    } catch (...) {
+      // The driver may already be shut down at interpreter exit: nothing left to free then.
+    }
+  }
+
+ private:
+  int device_;
+};
+
+}  // namespace
+
+std::shared_ptr<Buffer> make_device_arena(int device, std::uint64_t bytes) {
+  return std::make_shared<DeviceArena>(device, bytes);
+}
+
+const BatchKernel& batch_kernel(int device, const char* image, const char* name) {
+  static std::mutex mu;
+  static std::map<std::pair<int, std::string>, BatchKernel> loaded;
+  std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_pair(device, std::string(name));
+  auto it = loaded.find(key);
+  if (it != loaded.end()) return it->second;
+  const Driver& d = Driver::get();
+  ScopedDevice scope(device);
+  const kernels::FatbinImage* found = nullptr;
+  for (std::size_t i = 0; i < kernels::kFatbinCount; ++i)
+    if (std::string(kernels::kFatbins[i].name) == image) found = &kernels::kFatbins[i];
+  if (!found) throw CudaError("fst was built without its CUDA kernels (FST_CUDA=OFF or no nvcc)");
+  CUmodule module = nullptr;  // kept for the life of the process, like the function in it
+  check(d.cuModuleLoadData(&module, found->begin), ("cuModuleLoadData (fst " + std::string(image) + " kernels)").c_str());
+  BatchKernel k;
+  check(d.cuModuleGetFunction(&k.function, module, name), "cuModuleGetFunction");
+  CUdevice dev;
+  check(d.cuDeviceGet(&dev, device), "cuDeviceGet");
+  int sms = 1;
+  d.cuDeviceGetAttribute(&sms, kAttrMultiprocessorCount, dev);
+  k.sm_count = static_cast<unsigned>(sms);
+  return loaded.emplace(key, k).first->second;
+}
+
+void launch_batch(const BatchKernel& kernel, CUdeviceptr tasks, std::uint32_t count, std::uint64_t bytes,
+                  CUstream stream, const char* what) {
+  // Both kernels take (const Task* tasks, uint32_t n_tasks); the pointer travels as a device address.
+  void* params[] = {&tasks, &count};
+  check(Driver::get().cuLaunchKernel(kernel.function, kernels::suggested_grid(bytes, kernel.sm_count), 1, 1,
+                                     kernels::kBlockThreads, 1, 1, 0, stream, params, nullptr),
+        what);
+}
+
+PinnedBuffer::PinnedBuffer(int device, std::size_t bytes, const char* what) : device_(device) {
+  ScopedDevice scope(device);
+  check(Driver::get().cuMemHostAlloc(&data_, bytes ? bytes : 1, kMemHostAllocPortable), what);
+}
+
+PinnedBuffer::~PinnedBuffer() {
+  try {
+    ScopedDevice scope(device_);
+    Driver::get().cuMemFreeHost(data_);
+  } catch (...) {
+  }
+}
+
+Stream::Stream(int device) : device_(device) {
+  ScopedDevice scope(device);
+  check(Driver::get().cuStreamCreate(&stream_, kStreamNonBlocking), "cuStreamCreate");
+}
+
+Stream::~Stream() {
+  const Driver& d = Driver::get();
+  try {
+    ScopedDevice scope(device_);
+    d.cuStreamSynchronize(stream_);
+    d.cuStreamDestroy(stream_);
+  } catch (...) {
+  }
+}
+
+void Stream::synchronize() const { check(Driver::get().cuStreamSynchronize(stream_), "cuStreamSynchronize"); }
+
+}  // namespace fst::cuda

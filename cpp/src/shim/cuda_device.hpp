@@ -1,0 +1,60 @@
+// Device memory, streams, pinned host memory and the embedded batch kernels: what both the
+// staging sink (cuda_sink.cpp) and the GPU Direct Storage device (cufile_device.cpp) use.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+
+#include "fst/buffer.hpp"
+#include "shim/cuda_api.hpp"
+
+namespace fst::cuda {
+
+// One cuMemAlloc'ed block in the primary context of `device`, freed when its last reference
+// goes. Running out of memory is a CudaError naming the bytes needed and free.
+std::shared_ptr<Buffer> make_device_arena(int device, std::uint64_t bytes);
+
+// A batched kernel of the embedded fatbins (see detail/kernel_abi.hpp), loaded once per device.
+struct BatchKernel {
+  CUfunction function = nullptr;
+  unsigned sm_count = 1;
+};
+// `image` is the kernel file ("convert", "align"), `name` the kernel in it. Throws CudaError
+// when fst was built without its kernels.
+const BatchKernel& batch_kernel(int device, const char* image, const char* name);
+// Launches `kernel` over `count` tasks at device address `tasks` on `stream`; `bytes` (the
+// tasks' total size, wider side) sets the grid.
+void launch_batch(const BatchKernel& kernel, CUdeviceptr tasks, std::uint32_t count, std::uint64_t bytes,
+                  CUstream stream, const char* what);
+
+// Page-locked host memory (cuMemHostAlloc), freed on destruction.
+class PinnedBuffer {
+ public:
+  PinnedBuffer(int device, std::size_t bytes, const char* what);
+  ~PinnedBuffer();
+  PinnedBuffer(const PinnedBuffer&) = delete;
+  PinnedBuffer& operator=(const PinnedBuffer&) = delete;
+  void* data() const noexcept { return data_; }
+
+ private:
+  int device_;
+  void* data_ = nullptr;
+};
+
+// A non-blocking stream of the primary context of `device`; drained and destroyed on
+// destruction.
+class Stream {
+ public:
+  explicit Stream(int device);
+  ~Stream();
+  Stream(const Stream&) = delete;
+  Stream& operator=(const Stream&) = delete;
+  CUstream get() const noexcept { return stream_; }
+  void synchronize() const;
+
+ private:
+  int device_;
+  CUstream stream_ = nullptr;
+};
+
+}  // namespace fst::cuda
