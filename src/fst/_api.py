@@ -112,7 +112,8 @@ def load(
     path: a file, a list of files, a ``*.safetensors.index.json`` or a directory.
     framework: "numpy" / "np", "torch" / "pt", "jax" / "flax".
     keys: tensor names or glob patterns; only those tensors are read.
-    backend: "auto" (default, or $FST_BACKEND), "pread", "direct" or "mmap".
+    backend: "auto" (default, or $FST_BACKEND), "pread", "direct", "mmap" (host targets) or
+      "gds" (GPU Direct Storage, GPU targets).
     threads: I/O threads (default: $FST_THREADS, else the usable CPUs).
     progress: show a progress bar on a terminal.
     dtype: convert while loading: one dtype for every floating-point tensor ("bf16",

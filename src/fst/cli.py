@@ -378,7 +378,7 @@ def bench(
     repeat: int = typer.Option(5, "--repeat", "-r", min=1, help="Runs per loader and mode (the median is reported)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG bar chart here."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
-    backend: str = typer.Option("auto", "--backend", help="fst backend: auto, pread, direct or mmap."),
+    backend: str = typer.Option("auto", "--backend", help="fst backend: auto, pread, direct, mmap (CPU) or gds (GPU)."),
     touch: str = typer.Option("pages", "--touch", help="After loading, read: pages (a byte per 4 KiB), all, none."),
     files: int = typer.Option(3, "--files", min=1, help="Files of the synthetic checkpoint."),
     dtype: str = typer.Option("BF16", "--dtype", help="dtype of the synthetic checkpoint."),
