@@ -1,5 +1,5 @@
-// Python bindings of the host dtype conversion: fst._core.convert and
-// fst._core.conversion_supported. Registered by fst_register_convert(), called from the module
+// Python bindings of dtype conversion: fst._core.convert (host), fst._core.convert_on_device
+// (the CUDA kernel on device memory) and fst._core.conversion_supported. Registered by fst_register_convert(), called from the module
 // definition in bindings.cpp.
 #include <pybind11/pybind11.h>
 
@@ -13,6 +13,7 @@
 #endif
 
 #include "fst/convert.hpp"
+#include "fst/cuda.hpp"
 #include "fst/dtype.hpp"
 #include "fst/errors.hpp"
 
@@ -119,6 +120,19 @@ void fst_register_convert(py::module_& m) {
         "tensor.to(). Returns a new bytearray, or writes into `out` (a writable contiguous\n"
         "buffer of exactly the converted size, not overlapping src) and returns it.\n"
         "threads=0 uses every hardware thread. The GIL is released while converting.");
+  m.def(
+      "convert_on_device",
+      [](int device, std::uint64_t src, const std::string& src_dtype, std::uint64_t dst,
+         const std::string& dst_dtype, std::uint64_t count, unsigned repeats) {
+        const fst::Dtype from = parse_dtype(src_dtype), to = parse_dtype(dst_dtype);
+        py::gil_scoped_release nogil;
+        fst::convert_on_device(device, src, from, dst, to, count, repeats);
+      },
+      py::arg("device"), py::arg("src"), py::arg("src_dtype"), py::arg("dst"), py::arg("dst_dtype"),
+      py::arg("count"), py::arg("repeats") = 1,
+      "Convert `count` elements at device address src into dst on CUDA device `device` with\n"
+      "fst's batched conversion kernel, `repeats` launches in a row on the legacy default\n"
+      "stream, and wait for them. Addresses come from the framework (torch: data_ptr()).");
   m.def(
       "conversion_supported",
       [](const std::string& src_dtype, const std::string& dst_dtype) {

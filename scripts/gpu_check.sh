@@ -24,6 +24,9 @@ $py -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$out/pytest_gpu.lo
 # The GDS plan and the cuFile shim's reasons, against this machine's real libcufile and driver.
 $py -m pytest -q tests/test_gds.py -p no:cacheprovider 2>&1 | tee "$out/pytest_gds.log" | tail -5
 
+echo "== device conversion kernel against a device-to-device copy and torch's cast"
+$py bench/bench_convert.py --device cuda --mib 2048 --repeats 5 2>&1 | tee "$out/convert_gpu.log"
+
 echo "== benchmark"
 data=$(mktemp -d /tmp/fst_bench.XXXX)
 # The anchor comparison script lives outside the repository; bring it along as

@@ -186,6 +186,38 @@ def _same_bits_or_both_nan(t, want, label):
     assert bool(a[differ].float().isnan().all()) and bool(b[differ].float().isnan().all()), label
 
 
+_TORCH = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+          "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+@pytest.mark.parametrize("pair", ["BF16:F32", "F32:BF16", "BF16:F16", "F16:F8_E4M3", "F32:F8_E5M2",
+                                  "F8_E4M3:BF16", "F64:F16", "F32:F32"])
+def test_conversion_kernel_on_large_tensors_writes_every_element(pair):
+    """Millions of random bit patterns (every sign, exponent and payload, so NaN, infinities and
+    subnormals too) at odd sizes and addresses through fst's kernel on device memory, into an
+    output poisoned beforehand: bit for bit what torch's CPU tensor.to() gives."""
+    src, dst = pair.split(":")
+    s_t, d_t = getattr(torch, _TORCH[src]), getattr(torch, _TORCH[dst])
+    gen = torch.Generator().manual_seed(7)
+    width = torch.empty((), dtype=s_t).element_size()
+    count = 3_000_001
+    raw = torch.randint(0, 256, (count * width + 1,), dtype=torch.uint8, generator=gen)
+    host = raw[1:].clone().view(s_t)  # the device copy starts one byte in: an odd address
+    want = host.to(d_t)
+    dev_raw = raw.cuda()
+    out = torch.full((count * want.element_size() + 3,), 0xA5, dtype=torch.uint8, device="cuda")
+    fst._core.convert_on_device(torch.cuda.current_device(), dev_raw.data_ptr() + 1, src,
+                                out.data_ptr() + 1, dst, count)
+    got = out[1:-2].cpu().clone()  # a tensor of its own (offset 0), so it can be viewed as d_t
+    assert out[0].item() == 0xA5 and out[-2:].tolist() == [0xA5, 0xA5]  # nothing outside written
+    _same_bits_or_both_nan(got.view(d_t), want, pair)
+
+
+def test_conversion_kernel_refuses_an_unsupported_pair():
+    with pytest.raises(fst.UnsupportedError):
+        fst._core.convert_on_device(torch.cuda.current_device(), 0, "I32", 0, "F32", 1)
+
+
 # ---------------------------------------------------------------- GPU Direct Storage -------
 
 GDS = fst._runtime.cufile_info() if CUDA else {"available": False, "reason": "no CUDA device"}

@@ -7,6 +7,8 @@
 #include <string>
 #include <vector>
 
+#include "fst/dtype.hpp"
+
 namespace fst {
 
 struct CudaDriverInfo {
@@ -28,6 +30,14 @@ struct CufileInfo {
   std::string driver;        // "nvidia-fs 2.17", or what compatibility mode means
 };
 CufileInfo cufile_info(const std::string& bundled_library = "");
+
+// Converts `count` elements at device address `src` (dtype `from`) into `dst` (dtype `to`) on
+// CUDA device `device` with the batched conversion kernel, `repeats` launches in a row on the
+// legacy default stream (the one torch uses unless told otherwise), then waits for them. For
+// kernel tests and benchmarks on memory a framework owns. Throws UnsupportedError for a pair
+// the kernels do not convert, CudaError without CUDA or kernels.
+void convert_on_device(int device, std::uint64_t src, Dtype from, std::uint64_t dst, Dtype to,
+                       std::uint64_t count, unsigned repeats = 1);
 
 class StagingSink;
 class GdsDevice;

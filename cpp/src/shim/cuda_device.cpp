@@ -1,6 +1,7 @@
 // Device memory, streams, pinned host memory and the embedded batch kernels (cuda_device.hpp).
 #include "shim/cuda_device.hpp"
 
+#include <algorithm>
 #include <map>
 #include <mutex>
 #include <string>
@@ -8,6 +9,8 @@
 
 #include "detail/fatbin.hpp"
 #include "detail/kernel_abi.hpp"
+#include "fst/convert.hpp"
+#include "fst/cuda.hpp"
 #include "fst/errors.hpp"
 
 namespace fst::cuda {
@@ -117,3 +120,26 @@ Stream::~Stream() {
 void Stream::synchronize() const { check(Driver::get().cuStreamSynchronize(stream_), "cuStreamSynchronize"); }
 
 }  // namespace fst::cuda
+
+namespace fst {
+
+void convert_on_device(int device, std::uint64_t src, Dtype from, std::uint64_t dst, Dtype to,
+                       std::uint64_t count, unsigned repeats) {
+  using namespace cuda;
+  if (from != to && !conversion_supported(from, to))
+    throw UnsupportedError("no conversion from " + std::string(dtype_name(from)) + " to " + std::string(dtype_name(to)));
+  const Driver& d = Driver::get();
+  ScopedDevice scope(device);
+  const BatchKernel& kernel = batch_kernel(device, "convert", kernels::kConvertKernel);
+  const kernels::ConvertTask task{src, dst, count, static_cast<std::uint32_t>(from), static_cast<std::uint32_t>(to)};
+  // The task list lives in device memory until the launches using it have finished.
+  std::shared_ptr<Buffer> list = make_device_arena(device, sizeof task);
+  const auto list_address = static_cast<CUdeviceptr>(reinterpret_cast<std::uintptr_t>(list->data()));
+  check(d.cuMemcpyHtoDAsync(list_address, &task, sizeof task, nullptr), "cuMemcpyHtoDAsync (task list)");
+  const std::uint64_t wider = count * std::max(dtype_bits(from), dtype_bits(to)) / 8;
+  for (unsigned i = 0; i < repeats; ++i)
+    launch_batch(kernel, list_address, 1, wider, nullptr, "cuLaunchKernel (fst_convert_batch)");
+  check(d.cuStreamSynchronize(nullptr), "cuStreamSynchronize");
+}
+
+}  // namespace fst
