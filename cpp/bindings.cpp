@@ -547,7 +547,8 @@ PYBIND11_MODULE(_core, m) {
       // with a host copy engine (device = -1: the same pipeline, checkable without a GPU).
       .def("start_staged", [](const PySelection& s, int device, const std::string& backend, unsigned threads,
                               std::uint64_t alignment, std::uint64_t budget, std::uint64_t buffer_bytes,
-                              unsigned host_copy_delay_us, bool host_converts, const std::string& note) {
+                              unsigned host_copy_delay_us, bool host_converts, unsigned host_fail_wait,
+                              const std::string& note) {
         StagingOptions opt;
         opt.backend = backend_from_name(backend);
         opt.threads = threads;
@@ -556,12 +557,14 @@ PYBIND11_MODULE(_core, m) {
         opt.buffer_bytes = buffer_bytes;
         PyPending p{nullptr, s.ckpt, note};
         py::gil_scoped_release release;
-        auto sink = device < 0 ? make_host_sink(alignment, host_copy_delay_us, host_converts) : make_cuda_sink(device);
+        auto sink = device < 0 ? make_host_sink(alignment, host_copy_delay_us, host_converts, host_fail_wait)
+                               : make_cuda_sink(device);
         p.pending = std::make_unique<StagedLoad>(s.ckpt, s.picks, opt, std::move(sink), s.targets);
         return p;
       }, py::arg("device"), py::arg("backend") = "pread", py::arg("threads") = 0, py::arg("alignment") = 256,
          py::arg("budget") = 128u << 20, py::arg("buffer_bytes") = 16u << 20,
-         py::arg("host_copy_delay_us") = 0, py::arg("host_converts") = true, py::arg("note") = "")
+         py::arg("host_copy_delay_us") = 0, py::arg("host_converts") = true, py::arg("host_fail_wait") = 0,
+         py::arg("note") = "")
       // The GDS plan itself, for tests: per window, its reads (file, offset, length, needed,
       // bulk offset), moves (bulk offset, slot offset, bytes, pick), conversions (bulk offset,
       // slot offset, count, from, to, pick) and the bulk bytes it uses.

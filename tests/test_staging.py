@@ -64,6 +64,34 @@ def test_staged_errors(checkpoint, tmp_path):
         plan.select(None).start_staged(-1, "pread", 2, 256, 8192, 4096).wait()
 
 
+FAILED_COPY = """
+import sys, fst
+sel = fst.open_checkpoint(sys.argv[1]).select(None)
+pending = sel.start_staged(-1, "pread", int(sys.argv[2]), 256, 8192, 4096, host_copy_delay_us=20,
+                           host_fail_wait=int(sys.argv[3]))
+try:
+    pending.wait()
+except fst.CudaError as exc:
+    print("raised:", exc)
+"""
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+@pytest.mark.parametrize("fail_wait", [1, 3])
+def test_a_failed_copy_ends_the_load_with_its_error(checkpoint, threads, fail_wait):
+    """Copies that fail (from the n-th wait on, as CUDA errors stick) while reading threads wait
+    to reuse their buffers: the load raises that error. Each failing thread gives its buffer
+    back to the ring, so no thread waits for a buffer forever (run apart: a hang must fail
+    the test, not stop the suite)."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", FAILED_COPY, str(checkpoint), str(threads), str(fail_wait)],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert "raised:" in run.stdout and "injected" in run.stdout, run.stdout
+
+
 def test_kernel_fatbins_are_embedded_when_built():
     images = dict(fst._core.kernel_images())
     if not fst._core.HAVE_KERNELS:

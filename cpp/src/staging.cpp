@@ -110,9 +110,16 @@ StagedLoad::~StagedLoad() {
   group_.wait_for(-1);
   pool_.reset();
   // Copies still queued read from the staging buffers: let them finish before the sink goes.
+  // A wait that fails (a device error, which sticks) has nothing left to wait for, and the
+  // load already reported an error.
   if (sink_)
     for (unsigned lane = 0; lane < in_flight_.size(); ++lane)
-      if (in_flight_[lane]) sink_->wait(lane);
+      if (in_flight_[lane]) {
+        try {
+          sink_->wait(lane);
+        } catch (...) {
+        }
+      }
 }
 
 unsigned StagedLoad::acquire_buffer() {
@@ -136,7 +143,16 @@ unsigned StagedLoad::acquire_buffer() {
     in_flight_[lane] = false;
     ++in_use_;
   }
-  if (must_wait) sink_->wait(lane);
+  if (must_wait) {
+    try {
+      sink_->wait(lane);
+    } catch (...) {
+      // The buffer was never handed out: give it back (still in flight, its copies unknown),
+      // so that threads waiting for a buffer do not wait forever.
+      release_buffer(lane);
+      throw;
+    }
+  }
   return lane;
 }
 
@@ -210,8 +226,9 @@ namespace {
 
 class HostSink final : public StagingSink {
  public:
-  HostSink(std::uint64_t alignment, unsigned copy_delay_us, bool converts)
-      : alignment_(alignment), converts_(converts), delay_us_(copy_delay_us), worker_([this] { run(); }) {}
+  HostSink(std::uint64_t alignment, unsigned copy_delay_us, bool converts, unsigned fail_wait)
+      : alignment_(alignment), converts_(converts), delay_us_(copy_delay_us), fail_wait_(fail_wait),
+        worker_([this] { run(); }) {}
   ~HostSink() override {
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -246,6 +263,7 @@ class HostSink final : public StagingSink {
   void wait(unsigned lane) override {
     std::unique_lock<std::mutex> lock(mu_);
     cv_.wait(lock, [&] { return lanes_[lane].done == lanes_[lane].queued; });
+    if (fail_wait_ && ++waits_ >= fail_wait_) throw CudaError("copy on lane " + std::to_string(lane) + " failed (injected)");
   }
 
  private:
@@ -295,13 +313,16 @@ class HostSink final : public StagingSink {
   std::deque<Lane> lanes_;  // a deque: references to lanes stay valid as it grows
   bool stopping_ = false;
   unsigned delay_us_;
+  unsigned fail_wait_;
+  unsigned waits_ = 0;
   std::thread worker_;
 };
 
 }  // namespace
 
-std::unique_ptr<StagingSink> make_host_sink(std::uint64_t alignment, unsigned copy_delay_us, bool converts) {
-  return std::make_unique<HostSink>(alignment, copy_delay_us, converts);
+std::unique_ptr<StagingSink> make_host_sink(std::uint64_t alignment, unsigned copy_delay_us, bool converts,
+                                            unsigned fail_wait) {
+  return std::make_unique<HostSink>(alignment, copy_delay_us, converts, fail_wait);
 }
 
 }  // namespace fst

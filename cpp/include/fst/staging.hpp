@@ -111,8 +111,10 @@ class StagedLoad final : public AsyncLoad {
 // The sink for checking the pipeline without a GPU: the destination is host memory and copies
 // (and conversions, with the host twins of the kernels, unless `converts` is false) run on a
 // background thread, in order, each started `copy_delay_us` late (a slow copy engine makes any
-// reuse of a buffer before its work ends show up as wrong bytes).
+// reuse of a buffer before its work ends show up as wrong bytes). With `fail_wait` = n > 0, the
+// n-th wait() and every later one throw CudaError, as after a copy that failed on a device (CUDA
+// errors are sticky).
 std::unique_ptr<StagingSink> make_host_sink(std::uint64_t alignment, unsigned copy_delay_us = 0,
-                                            bool converts = true);
+                                            bool converts = true, unsigned fail_wait = 0);
 
 }  // namespace fst

@@ -39,6 +39,9 @@ class DeviceArena final : public Buffer {
     const Driver& d = Driver::get();
     try {
       ScopedDevice scope(device_);
+      // The frameworks drop DLPack tensors without ordering the free after their queued work,
+      // and cuMemFree only "may" synchronise: wait for the context's work before freeing.
+      d.cuCtxSynchronize();
       d.cuMemFree(static_cast<CUdeviceptr>(reinterpret_cast<std::uintptr_t>(data_)));
     } catch (...) {
       // The driver may already be shut down at interpreter exit: nothing left to free then.
@@ -92,6 +95,12 @@ void launch_batch(const BatchKernel& kernel, CUdeviceptr tasks, std::uint32_t co
 PinnedBuffer::PinnedBuffer(int device, std::size_t bytes, const char* what) : device_(device) {
   ScopedDevice scope(device);
   check(Driver::get().cuMemHostAlloc(&data_, bytes ? bytes : 1, kMemHostAllocPortable), what);
+  // O_DIRECT reads land in these buffers, which needs page alignment; cuMemHostAlloc gives it
+  // in practice, but does not promise it.
+  if (reinterpret_cast<std::uintptr_t>(data_) % 4096) {
+    Driver::get().cuMemFreeHost(data_);
+    throw CudaError(std::string(what) + ": cuMemHostAlloc returned memory that is not page aligned");
+  }
 }
 
 PinnedBuffer::~PinnedBuffer() {

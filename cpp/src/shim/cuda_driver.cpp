@@ -18,14 +18,24 @@ constexpr int kRequestedVersion = 12000;
 using GetProcV2 = CUresult (*)(const char*, void**, int, std::uint64_t, int*);
 using GetProcV1 = CUresult (*)(const char*, void**, int, std::uint64_t);
 
+// "no CUDA-capable device is detected (CUresult 100)", from the driver `d` itself: used while
+// Driver::get() is still building `d`, where calling it again would wait for itself forever.
+std::string describe(const Driver& d, CUresult r) {
+  const char* text = nullptr;
+  if (d.cuGetErrorString) d.cuGetErrorString(r, &text);
+  return std::string(text ? text : "unknown CUDA error") + " (CUresult " + std::to_string(r) + ")";
+}
+
 void load(Driver& d) {
-  static shim::DlLibrary lib("libcuda.so.1");  // kept open for the life of the process
-  if (!lib.loaded()) {
-    d.reason = "no CUDA driver: " + lib.error();
+  // Never closed: contexts, streams and memory of the driver live until the process ends, and
+  // destructors of other statics may still call into it at exit.
+  static const auto* lib = new shim::DlLibrary("libcuda.so.1");
+  if (!lib->loaded()) {
+    d.reason = "no CUDA driver: " + lib->error();
     return;
   }
-  auto v2 = lib.symbol<GetProcV2>("cuGetProcAddress_v2");
-  auto v1 = lib.symbol<GetProcV1>("cuGetProcAddress");
+  auto v2 = lib->symbol<GetProcV2>("cuGetProcAddress_v2");
+  auto v1 = lib->symbol<GetProcV1>("cuGetProcAddress");
   if (!v2 && !v1) {
     d.reason = "the CUDA driver is too old: it has no cuGetProcAddress (needs 11.3 or newer)";
     return;
@@ -48,6 +58,7 @@ void load(Driver& d) {
   get("cuDevicePrimaryCtxRelease", d.cuDevicePrimaryCtxRelease);
   get("cuCtxGetCurrent", d.cuCtxGetCurrent);
   get("cuCtxSetCurrent", d.cuCtxSetCurrent);
+  get("cuCtxSynchronize", d.cuCtxSynchronize);
   get("cuMemAlloc", d.cuMemAlloc);
   get("cuMemFree", d.cuMemFree);
   get("cuMemGetInfo", d.cuMemGetInfo);
@@ -73,7 +84,7 @@ void load(Driver& d) {
     return;
   }
   if (CUresult r = d.cuInit(0); r != kSuccess) {
-    d.reason = "cuInit failed: " + error_string(r);
+    d.reason = "cuInit failed: " + describe(d, r);
     return;
   }
   d.cuDriverGetVersion(&d.version);
@@ -113,12 +124,7 @@ const Driver& Driver::get() {
   return driver;
 }
 
-std::string error_string(CUresult r) {
-  const Driver& d = Driver::get();
-  const char* text = nullptr;
-  if (d.cuGetErrorString) d.cuGetErrorString(r, &text);
-  return std::string(text ? text : "unknown CUDA error") + " (CUresult " + std::to_string(r) + ")";
-}
+std::string error_string(CUresult r) { return describe(Driver::get(), r); }
 
 void check(CUresult r, const char* what) {
   if (r != kSuccess) throw CudaError(std::string(what) + ": " + error_string(r));

@@ -21,61 +21,47 @@ namespace {
 
 using namespace cuda;
 
+CUdeviceptr address(const Buffer& b) { return static_cast<CUdeviceptr>(reinterpret_cast<std::uintptr_t>(b.data())); }
+
 class CudaSink final : public StagingSink {
  public:
-  explicit CudaSink(int device) : device_(device) { ScopedDevice check_available(device); }
-
-  ~CudaSink() override {
-    const Driver& d = Driver::get();
-    try {
-      ScopedDevice scope(device_);
-      for (Lane& lane : lanes_) {
-        if (lane.stream) {
-          d.cuStreamSynchronize(lane.stream);
-          d.cuStreamDestroy(lane.stream);
-        }
-        if (lane.buffer) d.cuMemFreeHost(lane.buffer);
-        if (lane.host_tasks) d.cuMemFreeHost(lane.host_tasks);
-        if (lane.scratch) d.cuMemFree(lane.scratch);
-        if (lane.device_tasks) d.cuMemFree(lane.device_tasks);
+  explicit CudaSink(int device) : device_(device) {
+    ScopedDevice check_available(device);
+    // Load the conversion kernel now, not on a reading thread halfway through the load: where
+    // it cannot load (code built for a newer driver, say), the framework converts instead.
+    if (kernels::kFatbinCount > 0) {
+      try {
+        convert_kernel_ = &batch_kernel(device_, "convert", kernels::kConvertKernel);
+      } catch (const CudaError&) {
+        convert_kernel_ = nullptr;
       }
-    } catch (...) {
     }
   }
 
-  std::shared_ptr<Buffer> allocate(std::uint64_t bytes) override {
-    return make_device_arena(device_, bytes);
-  }
+  std::shared_ptr<Buffer> allocate(std::uint64_t bytes) override { return make_device_arena(device_, bytes); }
 
   std::byte* staging_buffer(unsigned lane, std::size_t bytes) override {
-    const Driver& d = Driver::get();
-    ScopedDevice scope(device_);
     Lane& l = lane_of(lane);
-    check(d.cuStreamCreate(&l.stream, kStreamNonBlocking), "cuStreamCreate");
-    void* p = nullptr;
+    l.stream = std::make_unique<Stream>(device_);
     // Pinned and page aligned, so O_DIRECT can read into it and the copy engine can DMA from it.
-    check(d.cuMemHostAlloc(&p, bytes, kMemHostAllocPortable), "cuMemHostAlloc (pinned staging buffer)");
-    l.buffer = p;
-    return static_cast<std::byte*>(p);
+    l.buffer = std::make_unique<PinnedBuffer>(device_, bytes, "cuMemHostAlloc (pinned staging buffer)");
+    return static_cast<std::byte*>(l.buffer->data());
   }
 
   std::uint64_t scratch(unsigned lane, std::size_t bytes) override {
-    ScopedDevice scope(device_);
     Lane& l = lane_of(lane);
-    check(Driver::get().cuMemAlloc(&l.scratch, bytes), "cuMemAlloc (conversion scratch)");
-    return l.scratch;
+    l.scratch = make_device_arena(device_, bytes);
+    return address(*l.scratch);
   }
 
-  bool converts() const override { return kernels::kFatbinCount > 0; }
+  bool converts() const override { return convert_kernel_ != nullptr; }
 
   void reserve_tasks(unsigned lanes, std::size_t max_tasks) override {
-    const Driver& d = Driver::get();
-    ScopedDevice scope(device_);
     const std::size_t bytes = std::max<std::size_t>(max_tasks, 1) * sizeof(kernels::ConvertTask);
     for (unsigned lane = 0; lane < lanes; ++lane) {
       Lane& l = lane_of(lane);
-      check(d.cuMemHostAlloc(&l.host_tasks, bytes, kMemHostAllocPortable), "cuMemHostAlloc (task list)");
-      check(d.cuMemAlloc(&l.device_tasks, bytes), "cuMemAlloc (task list)");
+      l.host_tasks = std::make_unique<PinnedBuffer>(device_, bytes, "cuMemHostAlloc (task list)");
+      l.device_tasks = make_device_arena(device_, bytes);
     }
   }
 
@@ -84,43 +70,48 @@ class CudaSink final : public StagingSink {
 
   void copy_async(unsigned lane, std::uint64_t dst, const std::byte* src, std::uint64_t bytes) override {
     if (bytes == 0) return;
-    check(Driver::get().cuMemcpyHtoDAsync(dst, src, bytes, lanes_[lane].stream), "cuMemcpyHtoDAsync");
+    check(Driver::get().cuMemcpyHtoDAsync(dst, src, bytes, lanes_[lane].stream->get()), "cuMemcpyHtoDAsync");
   }
 
   void convert_async(unsigned lane, const std::vector<kernels::ConvertTask>& tasks) override {
-    const Driver& d = Driver::get();
-    const BatchKernel& kernel = batch_kernel(device_, "convert", kernels::kConvertKernel);
     Lane& l = lanes_[lane];
+    const std::size_t list_bytes = tasks.size() * sizeof(kernels::ConvertTask);
     // The lane's task list is free: the lane is reused only after its stream has drained.
-    std::memcpy(l.host_tasks, tasks.data(), tasks.size() * sizeof(kernels::ConvertTask));
-    check(d.cuMemcpyHtoDAsync(l.device_tasks, l.host_tasks, tasks.size() * sizeof(kernels::ConvertTask), l.stream),
+    std::memcpy(l.host_tasks->data(), tasks.data(), list_bytes);
+    check(Driver::get().cuMemcpyHtoDAsync(address(*l.device_tasks), l.host_tasks->data(), list_bytes,
+                                          l.stream->get()),
           "cuMemcpyHtoDAsync (task list)");
     std::uint64_t bytes = 0;
     for (const auto& t : tasks) bytes += t.count * 8;  // an upper bound of the wider side
-    launch_batch(kernel, l.device_tasks, static_cast<std::uint32_t>(tasks.size()), bytes, l.stream,
-                 "cuLaunchKernel (fst_convert_batch)");
+    launch_batch(*convert_kernel_, address(*l.device_tasks), static_cast<std::uint32_t>(tasks.size()), bytes,
+                 l.stream->get(), "cuLaunchKernel (fst_convert_batch)");
   }
 
   void wait(unsigned lane) override {
-    check(Driver::get().cuStreamSynchronize(lanes_[lane].stream), "cuStreamSynchronize");
+    // Also called on the caller's thread, where no context may be current.
+    ScopedDevice scope(device_);
+    lanes_[lane].stream->synchronize();
   }
 
   ExportDevice device() const override { return ExportDevice{ExportDevice::kCUDA, device_}; }
 
  private:
+  // Members are destroyed in reverse order: the stream first, which waits for its work, then
+  // the memory that work used.
   struct Lane {
-    CUstream stream = nullptr;
-    void* buffer = nullptr;
-    void* host_tasks = nullptr;
-    CUdeviceptr scratch = 0;
-    CUdeviceptr device_tasks = 0;
+    std::unique_ptr<PinnedBuffer> buffer;
+    std::unique_ptr<PinnedBuffer> host_tasks;
+    std::shared_ptr<Buffer> scratch;
+    std::shared_ptr<Buffer> device_tasks;
+    std::unique_ptr<Stream> stream;
   };
   Lane& lane_of(unsigned lane) {
     if (lanes_.size() <= lane) lanes_.resize(lane + 1);
     return lanes_[lane];
   }
   int device_;
-  std::deque<Lane> lanes_;
+  const BatchKernel* convert_kernel_ = nullptr;
+  std::deque<Lane> lanes_;  // a deque: references to lanes stay valid as it grows
 };
 
 }  // namespace
