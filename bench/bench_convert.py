@@ -16,7 +16,7 @@ convert() returning a fresh bytearray, which adds the first-touch page faults of
 On a GPU every figure is the median over --repeats samples of 20 back-to-back launches each;
 the copy rows are torch copy_ between uint8 device tensors, "torch cast" is torch's copy_
 between the two dtypes (what a framework-side cast costs), and "vs copy" is again the traffic
-rate over the better copy rate (issue target: at least 0.8).
+rate over the better copy rate (target: at least 0.8).
 """
 
 import argparse
