@@ -83,12 +83,15 @@ StagedLoad::StagedLoad(std::shared_ptr<const Checkpoint> ckpt, std::vector<Pick>
 
   const unsigned count = std::min<unsigned>(staging_buffer_count(opt_),
                                             std::max<std::size_t>(plan_.requests.size(), 1));
-  const std::size_t buffer_size = opt_.buffer_bytes + 2 * detail::kDirectAlign;
-  for (unsigned lane = 0; lane < count; ++lane) buffers_.push_back(sink_->staging_buffer(lane, buffer_size));
+  buffer_size_ = opt_.buffer_bytes + 2 * detail::kDirectAlign;
+  // Pinning memory is slow: each lane's buffer is allocated by the first thread to use it, so
+  // the first reads start after one allocation, not after all of them.
+  sink_->reserve_lanes(count);
+  buffers_.assign(count, nullptr);
   if (!targets_.empty()) {
     std::size_t most = 0;
     for (const ReadRequest& req : plan_.requests) most = std::max<std::size_t>(most, req.piece_count);
-    for (unsigned lane = 0; lane < count; ++lane) scratch_.push_back(sink_->scratch(lane, buffer_size));
+    for (unsigned lane = 0; lane < count; ++lane) scratch_.push_back(sink_->scratch(lane, buffer_size_));
     sink_->reserve_tasks(count, most);
   }
   busy_.assign(count, false);
@@ -170,6 +173,9 @@ void StagedLoad::run_request(const ReadRequest& req) {
   sink_->bind_thread();
   const unsigned lane = acquire_buffer();
   try {
+    // The thread holding a lane is the only one touching its buffer (the ring's mutex orders
+    // one holder after the next).
+    if (!buffers_[lane]) buffers_[lane] = sink_->staging_buffer(lane, buffer_size_);
     const auto& file = files_->files[req.file];
     const std::byte* src;
     if (opt_.backend == Backend::Direct) {
@@ -241,8 +247,13 @@ class HostSink final : public StagingSink {
   std::shared_ptr<Buffer> allocate(std::uint64_t bytes) override {
     return std::make_shared<HostArena>(bytes, alignment_);
   }
+  void reserve_lanes(unsigned lanes) override { lane_of(lanes - 1); }
   std::byte* staging_buffer(unsigned lane, std::size_t bytes) override {
-    return lane_of(lane).buffer.emplace_back(std::make_unique<HostArena>(bytes, detail::kDirectAlign))->data();
+    auto buffer = std::make_unique<HostArena>(bytes, detail::kDirectAlign);
+    std::byte* data = buffer->data();
+    std::lock_guard<std::mutex> lock(mu_);
+    lanes_.at(lane).buffer.push_back(std::move(buffer));
+    return data;
   }
   std::uint64_t scratch(unsigned lane, std::size_t bytes) override {
     return reinterpret_cast<std::uintptr_t>(

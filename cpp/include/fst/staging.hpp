@@ -30,7 +30,10 @@ struct ConvertTask;  // cpp/src/detail/kernel_abi.hpp: the batch descriptor of t
 class StagingSink {
  public:
   virtual ~StagingSink() = default;
-  // Pinned (page-aligned) host memory for one staging buffer, owned by the sink.
+  // Called once, before any other call naming a lane: lanes 0 .. lanes-1 will be used.
+  virtual void reserve_lanes(unsigned lanes) = 0;
+  // Pinned (page-aligned) host memory for one staging buffer, owned by the sink. Called on a
+  // reading thread, the first time it uses `lane` (concurrently for different lanes).
   virtual std::byte* staging_buffer(unsigned lane, std::size_t bytes) = 0;
   // Allocates the destination arena (the memory the tensors end up in).
   virtual std::shared_ptr<Buffer> allocate(std::uint64_t bytes) = 0;
@@ -93,7 +96,8 @@ class StagedLoad final : public AsyncLoad {
   std::unique_ptr<StagingSink> sink_;
   struct Files;
   std::unique_ptr<Files> files_;
-  std::vector<std::byte*> buffers_;
+  std::vector<std::byte*> buffers_;        // per lane, allocated when the lane is first used
+  std::size_t buffer_size_ = 0;
   std::vector<std::uint64_t> scratch_;     // per lane, when converting: raw bytes on the device
   std::vector<Dtype> targets_;             // per pick, when the sink converts
   std::vector<std::uint64_t> slots_;       // per pick: address in the destination

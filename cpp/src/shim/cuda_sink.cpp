@@ -40,16 +40,20 @@ class CudaSink final : public StagingSink {
 
   std::shared_ptr<Buffer> allocate(std::uint64_t bytes) override { return make_device_arena(device_, bytes); }
 
+  void reserve_lanes(unsigned lanes) override {
+    lanes_.resize(lanes);
+    for (Lane& l : lanes_) l.stream = std::make_unique<Stream>(device_);
+  }
+
   std::byte* staging_buffer(unsigned lane, std::size_t bytes) override {
-    Lane& l = lane_of(lane);
-    l.stream = std::make_unique<Stream>(device_);
+    Lane& l = lanes_.at(lane);  // lanes are reserved: concurrent calls touch only their own
     // Pinned and page aligned, so O_DIRECT can read into it and the copy engine can DMA from it.
     l.buffer = std::make_unique<PinnedBuffer>(device_, bytes, "cuMemHostAlloc (pinned staging buffer)");
     return static_cast<std::byte*>(l.buffer->data());
   }
 
   std::uint64_t scratch(unsigned lane, std::size_t bytes) override {
-    Lane& l = lane_of(lane);
+    Lane& l = lanes_.at(lane);
     l.scratch = make_device_arena(device_, bytes);
     return address(*l.scratch);
   }
@@ -59,7 +63,7 @@ class CudaSink final : public StagingSink {
   void reserve_tasks(unsigned lanes, std::size_t max_tasks) override {
     const std::size_t bytes = std::max<std::size_t>(max_tasks, 1) * sizeof(kernels::ConvertTask);
     for (unsigned lane = 0; lane < lanes; ++lane) {
-      Lane& l = lane_of(lane);
+      Lane& l = lanes_.at(lane);
       l.host_tasks = std::make_unique<PinnedBuffer>(device_, bytes, "cuMemHostAlloc (task list)");
       l.device_tasks = make_device_arena(device_, bytes);
     }
@@ -105,10 +109,6 @@ class CudaSink final : public StagingSink {
     std::shared_ptr<Buffer> device_tasks;
     std::unique_ptr<Stream> stream;
   };
-  Lane& lane_of(unsigned lane) {
-    if (lanes_.size() <= lane) lanes_.resize(lane + 1);
-    return lanes_[lane];
-  }
   int device_;
   const BatchKernel* convert_kernel_ = nullptr;
   std::deque<Lane> lanes_;  // a deque: references to lanes stay valid as it grows
