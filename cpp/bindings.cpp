@@ -426,6 +426,14 @@ struct PyCheckpoint {
 
 void fst_register_convert(py::module_& m);  // cpp/bindings_convert.cpp
 
+// The sink of a staged load: CUDA device memory (device >= 0), or host memory through a host
+// copy engine (device < 0: the same pipeline, checkable without a GPU).
+std::shared_ptr<StagingSink> make_staging_sink(int device, std::uint64_t alignment, unsigned host_copy_delay_us,
+                                               bool host_converts, unsigned host_fail_wait) {
+  return device < 0 ? make_host_sink(alignment, host_copy_delay_us, host_converts, host_fail_wait)
+                    : make_cuda_sink(device);
+}
+
 PYBIND11_MODULE(_core, m) {
   m.doc() = "fst core: strict safetensors planning, parallel reads, DLPack export";
   py::module_ errors = py::module_::import("fst.errors");
@@ -485,6 +493,17 @@ PYBIND11_MODULE(_core, m) {
   py::class_<PyPending>(m, "PendingLoad")
       .def("wait", &PyPending::wait, py::arg("progress") = py::none())
       .def_property_readonly("bytes_total", [](const PyPending& p) { return p.pending ? p.pending->bytes_total() : 0; });
+
+  // Staging memory that several staged loads use one after another (the groups of a stream):
+  // pinned buffers are allocated once, not once per load. One load at a time.
+  py::class_<StagingSink, std::shared_ptr<StagingSink>>(m, "StagingSink")
+      .def(py::init([](int device, std::uint64_t alignment, unsigned host_copy_delay_us, bool host_converts) {
+             py::gil_scoped_release release;
+             return make_staging_sink(device, alignment, host_copy_delay_us, host_converts, 0);
+           }),
+           py::arg("device"), py::arg("alignment") = 256, py::arg("host_copy_delay_us") = 0,
+           py::arg("host_converts") = true)
+      .def_property_readonly("buffers_allocated", &StagingSink::buffers_allocated);
 
   py::class_<PySelection>(m, "Selection")
       .def("__len__", [](const PySelection& s) { return s.picks.size(); })
@@ -548,7 +567,7 @@ PYBIND11_MODULE(_core, m) {
       .def("start_staged", [](const PySelection& s, int device, const std::string& backend, unsigned threads,
                               std::uint64_t alignment, std::uint64_t budget, std::uint64_t buffer_bytes,
                               unsigned host_copy_delay_us, bool host_converts, unsigned host_fail_wait,
-                              const std::string& note) {
+                              const std::string& note, std::shared_ptr<StagingSink> sink) {
         StagingOptions opt;
         opt.backend = backend_from_name(backend);
         opt.threads = threads;
@@ -557,14 +576,13 @@ PYBIND11_MODULE(_core, m) {
         opt.buffer_bytes = buffer_bytes;
         PyPending p{nullptr, s.ckpt, note};
         py::gil_scoped_release release;
-        auto sink = device < 0 ? make_host_sink(alignment, host_copy_delay_us, host_converts, host_fail_wait)
-                               : make_cuda_sink(device);
+        if (!sink) sink = make_staging_sink(device, alignment, host_copy_delay_us, host_converts, host_fail_wait);
         p.pending = std::make_unique<StagedLoad>(s.ckpt, s.picks, opt, std::move(sink), s.targets);
         return p;
       }, py::arg("device"), py::arg("backend") = "pread", py::arg("threads") = 0, py::arg("alignment") = 256,
          py::arg("budget") = 128u << 20, py::arg("buffer_bytes") = 16u << 20,
          py::arg("host_copy_delay_us") = 0, py::arg("host_converts") = true, py::arg("host_fail_wait") = 0,
-         py::arg("note") = "")
+         py::arg("note") = "", py::arg("sink") = nullptr)
       // The GDS plan itself, for tests: per window, its reads (file, offset, length, needed,
       // bulk offset), moves (bulk offset, slot offset, bytes, pick), conversions (bulk offset,
       // slot offset, count, from, to, pick) and the bulk bytes it uses.

@@ -35,6 +35,23 @@ def test_staged_bytes_match(checkpoint, backend, threads, buffer_bytes, budget):
     assert f"{min(buffers, loaded.stats['requests'])} pinned staging buffers" in loaded.stats["reason"]
 
 
+def test_loads_one_after_another_share_a_sinks_staging_buffers(checkpoint):
+    """The groups of a stream share one sink: its staging buffers are allocated by the first
+    load and handed out again, bytes still exact; a load wanting larger buffers gets them."""
+    ckpt = fst.open_checkpoint(checkpoint)
+    ref = {k: raw_bytes(v) for k, v in fst.load(checkpoint, backend="pread").items()}
+    sink = fst._core.StagingSink(-1, host_copy_delay_us=20)
+    counts = []
+    for keys in (["t1*"], ["t2*", "scalar"], None, ["t3*"]):
+        loaded = ckpt.select(keys).start_staged(-1, "pread", 3, 256, 4 * 8192, 8192, sink=sink).wait()
+        got = loaded.to_numpy(NUMPY_DTYPES)
+        assert got and {k: raw_bytes(v) for k, v in got.items()} == {k: ref[k] for k in got}
+        counts.append(sink.buffers_allocated)
+    assert 0 < counts[0] <= 4 and counts[-1] == counts[2] <= 4, counts  # never more than the ring
+    ckpt.select(None).start_staged(-1, "pread", 3, 256, 4 * 65536, 65536, sink=sink).wait()
+    assert sink.buffers_allocated > counts[-1]  # larger buffers: allocated anew
+
+
 def test_staged_rows_and_filters(checkpoint):
     ckpt = fst.open_checkpoint(checkpoint)
     full = fst.load(checkpoint, backend="pread")

@@ -25,7 +25,7 @@ struct StagedLoad::Files {
 };
 
 StagedLoad::StagedLoad(std::shared_ptr<const Checkpoint> ckpt, std::vector<Pick> selection,
-                       const StagingOptions& options, std::unique_ptr<StagingSink> sink,
+                       const StagingOptions& options, std::shared_ptr<StagingSink> sink,
                        const std::vector<Dtype>& targets)
     : ckpt_(std::move(ckpt)), opt_(options), sink_(std::move(sink)), files_(std::make_unique<Files>()) {
   started_ = detail::now_seconds();
@@ -221,7 +221,7 @@ LoadedTensors StagedLoad::wait(const std::function<bool()>& tick, int tick_ms) {
       in_flight_[lane] = false;
     }
   files_.reset();
-  sink_.reset();  // frees the staging buffers; the destination lives on in result_.owners
+  sink_.reset();  // its staging memory goes with it unless the sink serves more loads
   result_.stats.seconds = detail::now_seconds() - started_;
   return std::move(result_);
 }
@@ -249,15 +249,17 @@ class HostSink final : public StagingSink {
   }
   void reserve_lanes(unsigned lanes) override { lane_of(lanes - 1); }
   std::byte* staging_buffer(unsigned lane, std::size_t bytes) override {
-    auto buffer = std::make_unique<HostArena>(bytes, detail::kDirectAlign);
-    std::byte* data = buffer->data();
-    std::lock_guard<std::mutex> lock(mu_);
-    lanes_.at(lane).buffer.push_back(std::move(buffer));
-    return data;
+    std::unique_ptr<HostArena>& buffer = lane_of(lane).staging;  // only this lane's holder calls
+    if (!buffer || buffer->size() < bytes) {
+      buffer = std::make_unique<HostArena>(bytes, detail::kDirectAlign);
+      ++buffers_allocated_;
+    }
+    return buffer->data();
   }
   std::uint64_t scratch(unsigned lane, std::size_t bytes) override {
-    return reinterpret_cast<std::uintptr_t>(
-        lane_of(lane).buffer.emplace_back(std::make_unique<HostArena>(bytes, detail::kDirectAlign))->data());
+    std::unique_ptr<HostArena>& buffer = lane_of(lane).scratch;
+    if (!buffer || buffer->size() < bytes) buffer = std::make_unique<HostArena>(bytes, detail::kDirectAlign);
+    return reinterpret_cast<std::uintptr_t>(buffer->data());
   }
   bool converts() const override { return converts_; }
 
@@ -283,7 +285,7 @@ class HostSink final : public StagingSink {
     std::function<void()> run;
   };
   struct Lane {
-    std::vector<std::unique_ptr<HostArena>> buffer;
+    std::unique_ptr<HostArena> staging, scratch;
     std::uint64_t queued = 0, done = 0;
   };
   Lane& lane_of(unsigned lane) {
@@ -331,7 +333,7 @@ class HostSink final : public StagingSink {
 
 }  // namespace
 
-std::unique_ptr<StagingSink> make_host_sink(std::uint64_t alignment, unsigned copy_delay_us, bool converts,
+std::shared_ptr<StagingSink> make_host_sink(std::uint64_t alignment, unsigned copy_delay_us, bool converts,
                                             unsigned fail_wait) {
   return std::make_unique<HostSink>(alignment, copy_delay_us, converts, fail_wait);
 }

@@ -194,8 +194,10 @@ def iter_tensors(
 
 
 def _stream(adapter, device, groups, backend, threads, progress, total) -> Iterator[tuple[str, Any]]:
+    sinks: dict = {}  # the groups, read one after another, share their staging memory
+
     def start(group):
-        return start_load(adapter, group, device, backend, threads)
+        return start_load(adapter, group, device, backend, threads, sinks)
 
     callback, close = make_progress(progress, total, "fst stream")
     done = 0

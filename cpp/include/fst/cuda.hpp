@@ -44,7 +44,7 @@ class GdsDevice;
 // A staging sink whose destination is device memory of CUDA device `device` (its primary
 // context, shared with torch and JAX); it converts dtypes with the embedded kernels. Throws
 // CudaError when CUDA is unavailable (or, from allocate(), when the device is out of memory).
-std::unique_ptr<StagingSink> make_cuda_sink(int device);
+std::shared_ptr<StagingSink> make_cuda_sink(int device);
 
 // The GPU Direct Storage device of a GdsLoad (see gds.hpp) on CUDA device `device`: cuFile reads
 // into device memory, the embedded kernels align and convert. Throws UnsupportedError with the

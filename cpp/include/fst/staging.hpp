@@ -27,13 +27,18 @@ namespace kernels {
 struct ConvertTask;  // cpp/src/detail/kernel_abi.hpp: the batch descriptor of the kernels
 }
 
+//
+// A sink serves one load at a time, and may serve several one after another (the groups of a
+// streamed load): it keeps its staging memory (buffers, scratch, task lists) between loads and
+// hands it out again when it is large enough, so pinned memory is allocated once per stream.
 class StagingSink {
  public:
   virtual ~StagingSink() = default;
-  // Called once, before any other call naming a lane: lanes 0 .. lanes-1 will be used.
+  // Called by each load before any other call naming a lane: lanes 0 .. lanes-1 will be used.
   virtual void reserve_lanes(unsigned lanes) = 0;
-  // Pinned (page-aligned) host memory for one staging buffer, owned by the sink. Called on a
-  // reading thread, the first time it uses `lane` (concurrently for different lanes).
+  // Pinned (page-aligned) host memory of at least `bytes` for lane's staging buffer, owned by
+  // the sink (the lane's earlier buffer when large enough). Called on a reading thread, the
+  // first time a load uses `lane` (concurrently for different lanes).
   virtual std::byte* staging_buffer(unsigned lane, std::size_t bytes) = 0;
   // Allocates the destination arena (the memory the tensors end up in).
   virtual std::shared_ptr<Buffer> allocate(std::uint64_t bytes) = 0;
@@ -44,7 +49,7 @@ class StagingSink {
   virtual void wait(unsigned lane) = 0;
   // Whether the sink converts dtypes itself (CUDA: the embedded kernels were built).
   virtual bool converts() const = 0;
-  // Device memory of `bytes` for `lane`: where raw bytes of tensors to convert land.
+  // Device memory of at least `bytes` for `lane`: where raw bytes of tensors to convert land.
   virtual std::uint64_t scratch(unsigned lane, std::size_t bytes) = 0;
   // Queues `tasks` on `lane` after its copies: each converts from scratch memory into the
   // destination (addresses in ConvertTask are absolute). At most `max_tasks` (see reserve_tasks).
@@ -54,6 +59,11 @@ class StagingSink {
   // Called on a reading thread before each request (CUDA: make the device's context current).
   virtual void bind_thread() {}
   virtual ExportDevice device() const { return ExportDevice{}; }
+  // Staging buffers allocated so far (a buffer handed out again is not counted twice).
+  std::size_t buffers_allocated() const noexcept { return buffers_allocated_.load(); }
+
+ protected:
+  std::atomic<std::size_t> buffers_allocated_{0};
 };
 
 struct StagingOptions {
@@ -74,7 +84,7 @@ class StagedLoad final : public AsyncLoad {
   // `targets` (empty: none): dtypes wanted per pick. The sink converts them when it can
   // (converts()); otherwise they are reported in LoadedTensors::casts for the framework.
   StagedLoad(std::shared_ptr<const Checkpoint> ckpt, std::vector<Pick> selection,
-             const StagingOptions& options, std::unique_ptr<StagingSink> sink,
+             const StagingOptions& options, std::shared_ptr<StagingSink> sink,
              const std::vector<Dtype>& targets = {});
   ~StagedLoad();
   StagedLoad(const StagedLoad&) = delete;
@@ -93,7 +103,7 @@ class StagedLoad final : public AsyncLoad {
   StagingOptions opt_;
   LoadedTensors result_;
   ReadPlan plan_;
-  std::unique_ptr<StagingSink> sink_;
+  std::shared_ptr<StagingSink> sink_;
   struct Files;
   std::unique_ptr<Files> files_;
   std::vector<std::byte*> buffers_;        // per lane, allocated when the lane is first used
@@ -118,7 +128,7 @@ class StagedLoad final : public AsyncLoad {
 // reuse of a buffer before its work ends show up as wrong bytes). With `fail_wait` = n > 0, the
 // n-th wait() and every later one throw CudaError, as after a copy that failed on a device (CUDA
 // errors are sticky).
-std::unique_ptr<StagingSink> make_host_sink(std::uint64_t alignment, unsigned copy_delay_us = 0,
+std::shared_ptr<StagingSink> make_host_sink(std::uint64_t alignment, unsigned copy_delay_us = 0,
                                             bool converts = true, unsigned fail_wait = 0);
 
 }  // namespace fst

@@ -41,20 +41,29 @@ class CudaSink final : public StagingSink {
   std::shared_ptr<Buffer> allocate(std::uint64_t bytes) override { return make_device_arena(device_, bytes); }
 
   void reserve_lanes(unsigned lanes) override {
-    lanes_.resize(lanes);
-    for (Lane& l : lanes_) l.stream = std::make_unique<Stream>(device_);
+    if (lanes_.size() < lanes) lanes_.resize(lanes);
+    for (Lane& l : lanes_)
+      if (!l.stream) l.stream = std::make_unique<Stream>(device_);
   }
 
   std::byte* staging_buffer(unsigned lane, std::size_t bytes) override {
     Lane& l = lanes_.at(lane);  // lanes are reserved: concurrent calls touch only their own
-    // Pinned and page aligned, so O_DIRECT can read into it and the copy engine can DMA from it.
-    l.buffer = std::make_unique<PinnedBuffer>(device_, bytes, "cuMemHostAlloc (pinned staging buffer)");
+    if (!l.buffer || l.buffer_bytes < bytes) {
+      // Pinned and page aligned, so O_DIRECT can read into it and the copy engine can DMA from it.
+      l.buffer.reset();
+      l.buffer = std::make_unique<PinnedBuffer>(device_, bytes, "cuMemHostAlloc (pinned staging buffer)");
+      l.buffer_bytes = bytes;
+      ++buffers_allocated_;
+    }
     return static_cast<std::byte*>(l.buffer->data());
   }
 
   std::uint64_t scratch(unsigned lane, std::size_t bytes) override {
     Lane& l = lanes_.at(lane);
-    l.scratch = make_device_arena(device_, bytes);
+    if (!l.scratch || l.scratch->size() < bytes) {
+      l.scratch.reset();
+      l.scratch = make_device_arena(device_, bytes);
+    }
     return address(*l.scratch);
   }
 
@@ -64,8 +73,12 @@ class CudaSink final : public StagingSink {
     const std::size_t bytes = std::max<std::size_t>(max_tasks, 1) * sizeof(kernels::ConvertTask);
     for (unsigned lane = 0; lane < lanes; ++lane) {
       Lane& l = lanes_.at(lane);
+      if (l.tasks_bytes >= bytes) continue;
+      l.host_tasks.reset();
+      l.device_tasks.reset();
       l.host_tasks = std::make_unique<PinnedBuffer>(device_, bytes, "cuMemHostAlloc (task list)");
       l.device_tasks = make_device_arena(device_, bytes);
+      l.tasks_bytes = bytes;
     }
   }
 
@@ -104,9 +117,11 @@ class CudaSink final : public StagingSink {
   // the memory that work used.
   struct Lane {
     std::unique_ptr<PinnedBuffer> buffer;
+    std::size_t buffer_bytes = 0;
     std::unique_ptr<PinnedBuffer> host_tasks;
     std::shared_ptr<Buffer> scratch;
     std::shared_ptr<Buffer> device_tasks;
+    std::size_t tasks_bytes = 0;
     std::unique_ptr<Stream> stream;
   };
   int device_;
@@ -116,8 +131,8 @@ class CudaSink final : public StagingSink {
 
 }  // namespace
 
-std::unique_ptr<StagingSink> make_cuda_sink(int device) {
-  return std::make_unique<CudaSink>(device);
+std::shared_ptr<StagingSink> make_cuda_sink(int device) {
+  return std::make_shared<CudaSink>(device);
 }
 
 }  // namespace fst

@@ -50,10 +50,15 @@ class Adapter(Protocol):
 GPU_ALIGNMENT = 256  # every tensor fst places on a GPU starts on a 256-byte boundary
 
 
-def start_load(adapter: Adapter, selection: _core.Selection, device: Any, backend: str, threads: int):
+def start_load(adapter: Adapter, selection: _core.Selection, device: Any, backend: str, threads: int,
+               sinks: Optional[dict] = None):
     """Start reading `selection` for `device`: host backends for host memory; for a GPU, GPU
     Direct Storage when asked for (or, with "auto", where it really works), else the pinned
-    staging pipeline, with the reason GDS was not used in the load's stats."""
+    staging pipeline, with the reason GDS was not used in the load's stats.
+
+    `sinks` (a dict the caller keeps across loads run one after another, such as the groups of
+    a stream) holds the staging memory of each device, so its pinned buffers are allocated
+    once instead of once per load."""
     index = adapter.cuda_index(device)
     if index is None:
         return selection.start(backend, threads, adapter.alignment, adapter.view_alignment, True)
@@ -81,6 +86,11 @@ def start_load(adapter: Adapter, selection: _core.Selection, device: Any, backen
                 # Opening or registering a file failed (no O_DIRECT, a file system GDS
                 # cannot serve): the staged path reads it.
                 note = f"GPU Direct Storage not used: {exc}"
+    sink = None
+    if sinks is not None:
+        sink = sinks.get(index)
+        if sink is None:
+            sink = sinks[index] = _core.StagingSink(index, GPU_ALIGNMENT)
     return selection.start_staged(
         index,
         "pread" if backend == "auto" else backend,
@@ -89,6 +99,7 @@ def start_load(adapter: Adapter, selection: _core.Selection, device: Any, backen
         int(os.environ.get("FST_PINNED_BUDGET", 128 << 20)),
         request_bytes,
         note=note,
+        sink=sink,
     )
 
 
