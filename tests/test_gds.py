@@ -203,7 +203,7 @@ class _SelectionWhoseFilesGdsCannotOpen:
     def start_gds(self, *args):
         raise fst.UnsupportedError("'/x.safetensors': the file system does not support O_DIRECT, which cuFile needs")
 
-    def start_staged(self, *args, note=""):
+    def start_staged(self, *args, note="", sink=None):
         self.staged = (args, note)
         return "staged"
 
