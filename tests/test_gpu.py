@@ -6,6 +6,7 @@ Marked `gpu`; skipped without a CUDA device. scripts/gpu_check.sh runs them on a
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -226,10 +227,31 @@ GDS = fst._runtime.cufile_info() if CUDA else {"available": False, "reason": "no
 needs_gds = pytest.mark.skipif(not GDS["available"], reason=f"cuFile is not usable: {GDS['reason']}")
 
 
+@pytest.fixture
+def gds_dir(tmp_path):
+    """Where forced GDS loads read from: $FST_GDS_TEST_DIR (a directory on storage GDS serves,
+    such as a local NVMe file system) or the test's temporary directory, which must at least
+    take O_DIRECT (tmpfs before Linux 6.6 does not)."""
+    import tempfile
+
+    base = os.environ.get("FST_GDS_TEST_DIR")
+    folder = Path(tempfile.mkdtemp(dir=base)) if base else tmp_path
+    probe = folder / "probe"
+    probe.write_bytes(b"\0" * 4096)
+    if not fst._core.direct_io_supported(str(probe))[0]:
+        pytest.skip(f"{folder} does not take O_DIRECT: set FST_GDS_TEST_DIR to a directory that does")
+    probe.unlink()
+    yield folder
+    if base:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 @needs_gds
 @pytest.mark.parametrize("prefix", [b"", b"\x01\x02\x03"], ids=["aligned", "shift3"])
-def test_gds_every_dtype_bit_exact_and_aligned(tmp_path, prefix):
-    path = every_dtype(tmp_path, prefix)
+def test_gds_every_dtype_bit_exact_and_aligned(gds_dir, prefix):
+    path = every_dtype(gds_dir, prefix)
     got = fst.load(path, framework="torch", device="cuda", backend="gds")
     stats = fst.last_load_stats()
     assert stats["backend"] == "gds", stats
@@ -242,18 +264,18 @@ def test_gds_every_dtype_bit_exact_and_aligned(tmp_path, prefix):
 
 
 @needs_gds
-def test_gds_small_bulk_buffer_many_files_and_filters(tmp_path, monkeypatch):
+def test_gds_small_bulk_buffer_many_files_and_filters(gds_dir, monkeypatch):
     """A 64 KiB device buffer read 16 KiB at a time: many windows, tensors cut between them."""
     monkeypatch.setenv("FST_GDS_BUFFER", str(1 << 16))
     monkeypatch.setenv("FST_STAGING_BUFFER", str(1 << 14))
     for k in range(3):
-        write(tmp_path / f"part{k}.safetensors",
+        write(gds_dir / f"part{k}.safetensors",
               [(f"p{k}.pad", "U8", [k + 1])] + [(f"p{k}.w{i}", "BF16", [k + 1, 9000 + i]) for i in range(10)], seed=k)
     ref = {}
-    for f in sorted(tmp_path.glob("*.safetensors")):
+    for f in sorted(gds_dir.glob("*.safetensors")):
         ref.update(reference(f))
     for keys in (None, ["p1.*", "p2.w[357]"]):
-        got = fst.load(tmp_path, framework="torch", device="cuda", backend="gds", keys=keys)
+        got = fst.load(gds_dir, framework="torch", device="cuda", backend="gds", keys=keys)
         assert fst.last_load_stats()["backend"] == "gds"
         assert got and all(k in ref for k in got)
         for name, t in got.items():
@@ -263,9 +285,9 @@ def test_gds_small_bulk_buffer_many_files_and_filters(tmp_path, monkeypatch):
 
 @needs_gds
 @pytest.mark.parametrize("target", ["F32", "BF16", "F8_E4M3"])
-def test_gds_converts_on_the_device(tmp_path, target, monkeypatch):
+def test_gds_converts_on_the_device(gds_dir, target, monkeypatch):
     torch_dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F8_E4M3": torch.float8_e4m3fn}[target]
-    path = _all_bit_patterns(tmp_path)
+    path = _all_bit_patterns(gds_dir)
     keys = ["F16", "BF16", "F8_E4M3", "F8_E5M2"]
     ref = fst.load(path, framework="torch", keys=keys)
     monkeypatch.setenv("FST_GDS_BUFFER", str(1 << 16))  # tensors cut between windows too
@@ -277,12 +299,12 @@ def test_gds_converts_on_the_device(tmp_path, target, monkeypatch):
 
 
 @needs_gds
-def test_gds_repeated_loads_leak_no_device_memory_fds_or_threads(tmp_path):
+def test_gds_repeated_loads_leak_no_device_memory_fds_or_threads(gds_dir):
     import gc
 
     psutil = pytest.importorskip("psutil")
 
-    path = write(tmp_path / "m.safetensors", [(f"t{i}", "BF16", [1024, 1024]) for i in range(16)], prefix=b"\x01")
+    path = write(gds_dir / "m.safetensors", [(f"t{i}", "BF16", [1024, 1024]) for i in range(16)], prefix=b"\x01")
     for _ in range(3):
         fst.load(path, framework="torch", device="cuda", backend="gds")
     torch.cuda.synchronize()

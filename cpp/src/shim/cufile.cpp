@@ -123,18 +123,21 @@ Session::~Session() { lib_.cuFileDriverClose(); }
 
 namespace {
 std::mutex g_session_mu;
-std::shared_ptr<Session> g_session;  // closed by its destructor when the process exits
+// Never destroyed, so never closed at exit: static destructors run after libcufile's own
+// teardown and CUDA's, and cuFileDriverClose then would call into freed state (a crash at
+// exit that other GDS users have hit). The process's end releases the driver.
+auto* const g_session = new std::shared_ptr<Session>();
 }  // namespace
 
 std::shared_ptr<Session> Session::shared(const Library& lib) {
   std::lock_guard<std::mutex> lock(g_session_mu);
-  if (!g_session) g_session = std::make_shared<Session>(lib);
-  return g_session;
+  if (!*g_session) *g_session = std::make_shared<Session>(lib);
+  return *g_session;
 }
 
 std::shared_ptr<Session> Session::shared_if_open() {
   std::lock_guard<std::mutex> lock(g_session_mu);
-  return g_session;
+  return *g_session;
 }
 
 std::string Session::describe() const {

@@ -53,14 +53,20 @@ class CufileDevice final : public GdsDevice {
   ~CufileDevice() override {
     // No kernel may still read the bulk buffer when it goes, and cuFile deregisters in the
     // device's context (the destructor may run on any thread).
+    // A failed synchronisation (a sticky device error) must not skip the deregistrations:
+    // each step is tried on its own, all in the device's context where there is one.
+    std::optional<ScopedDevice> scope;
     try {
-      ScopedDevice scope(device_);
-      stream_.synchronize();
-      registration_.reset();
-      files_.clear();
+      scope.emplace(device_);
     } catch (...) {
       // The driver may already be shut down at interpreter exit.
     }
+    try {
+      stream_.synchronize();
+    } catch (...) {
+    }
+    registration_.reset();
+    files_.clear();
   }
 
   void open_file(std::uint32_t file, const std::string& path) override {
@@ -95,9 +101,12 @@ class CufileDevice final : public GdsDevice {
   std::uint64_t read(std::uint32_t file, std::uint64_t file_offset, std::uint64_t length,
                      std::uint64_t bulk_offset) override {
     const cufile::RegisteredFile& f = *files_[file];
-    // With a registered buffer cuFile wants its base and the offset into it.
-    const ssize_t got = lib_.cuFileRead(f.handle(), reinterpret_cast<void*>(bulk_), length,
-                                        static_cast<off_t>(file_offset), static_cast<off_t>(bulk_offset));
+    ssize_t got;
+    do {
+      // With a registered buffer cuFile wants its base and the offset into it.
+      got = lib_.cuFileRead(f.handle(), reinterpret_cast<void*>(bulk_), length, static_cast<off_t>(file_offset),
+                            static_cast<off_t>(bulk_offset));
+    } while (got == -1 && errno == EINTR);  // compatibility mode reads with POSIX calls
     if (got >= 0) return static_cast<std::uint64_t>(got);
     if (got == -1) throw IoError(errno, "cuFileRead", f.path());
     throw CudaError("cuFileRead of '" + f.path() + "' at offset " + std::to_string(file_offset) + ": " +

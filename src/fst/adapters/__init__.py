@@ -10,7 +10,7 @@ import os
 from typing import Any, Optional, Protocol
 
 from .. import _core
-from ..errors import UnsupportedError
+from ..errors import CudaError, UnsupportedError
 
 FRAMEWORK_ALIASES = {
     "numpy": "numpy",
@@ -80,11 +80,12 @@ def start_load(adapter: Adapter, selection: _core.Selection, device: Any, backen
                     int(os.environ.get("FST_GDS_BUFFER", 512 << 20)),
                     bundled_cufile(),
                 )
-            except UnsupportedError as exc:
+            except (UnsupportedError, CudaError) as exc:
                 if backend == "gds":
                     raise
                 # Opening or registering a file failed (no O_DIRECT, a file system GDS
-                # cannot serve): the staged path reads it.
+                # cannot serve), or the bulk buffer did not fit beside the tensors: the staged
+                # path, whose staging memory is on the host, reads it.
                 note = f"GPU Direct Storage not used: {exc}"
     sink = None
     if sinks is not None:
