@@ -208,6 +208,20 @@ class _SelectionWhoseFilesGdsCannotOpen:
         return "staged"
 
 
+class _SelectionWhoseBulkBufferDoesNotFit(_SelectionWhoseFilesGdsCannotOpen):
+    def start_gds(self, *args):
+        raise fst.CudaError("out of GPU memory on cuda:0: the load needs 536875008 bytes, 4096 are free")
+
+
+def test_auto_falls_back_when_the_bulk_buffer_does_not_fit(monkeypatch):
+    monkeypatch.setattr(_runtime, "gds_choice", lambda: (True, "GPU Direct Storage: test"))
+    sel = _SelectionWhoseBulkBufferDoesNotFit()
+    assert start_load(_FakeGpuAdapter(), sel, "cuda", "auto", 0) == "staged"
+    assert sel.staged[1].startswith("GPU Direct Storage not used: out of GPU memory")
+    with pytest.raises(fst.CudaError, match="out of GPU memory"):
+        start_load(_FakeGpuAdapter(), _SelectionWhoseBulkBufferDoesNotFit(), "cuda", "gds", 0)
+
+
 def test_auto_falls_back_when_a_file_cannot_be_registered(monkeypatch):
     monkeypatch.setattr(_runtime, "gds_choice", lambda: (True, "GPU Direct Storage: test"))
     sel = _SelectionWhoseFilesGdsCannotOpen()
