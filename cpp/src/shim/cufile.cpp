@@ -66,8 +66,8 @@ const Library& Library::get(const std::string& bundled) {
         found.loaded = true;
         found.path = name;
         library = found;
-        // Deliberately never closed, not even at exit: the shared session's destructor still
-        // calls cuFileDriverClose then.
+        // Deliberately never closed: the driver session and registrations of the loads live
+        // until the process ends.
         lib.release();
         return library;
       }
