@@ -1,12 +1,16 @@
-// Python bindings of dtype conversion: fst._core.convert (host), fst._core.convert_on_device
-// (the CUDA kernel on device memory) and fst._core.conversion_supported. Registered by fst_register_convert(), called from the module
+// Python bindings of the conversion and move arithmetic: fst._core.convert (host),
+// fst._core.convert_on_device and fst._core.move_on_device (the CUDA kernels on device memory)
+// and fst._core.conversion_supported. Registered by fst_register_convert(), called from the module
 // definition in bindings.cpp.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 #include <memory>
 #include <string>
 #include <thread>
+#include <tuple>
+#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -133,6 +137,20 @@ void fst_register_convert(py::module_& m) {
       "Convert `count` elements at device address src into dst on CUDA device `device` with\n"
       "fst's batched conversion kernel, `repeats` launches in a row on the legacy default\n"
       "stream, and wait for them. Addresses come from the framework (torch: data_ptr()).");
+  m.def(
+      "move_on_device",
+      [](int device, const std::vector<std::tuple<std::uint64_t, std::uint64_t, std::uint64_t>>& moves,
+         unsigned repeats) {
+        std::vector<fst::DeviceMove> list;
+        list.reserve(moves.size());
+        for (const auto& [src, dst, bytes] : moves) list.push_back(fst::DeviceMove{src, dst, bytes});
+        py::gil_scoped_release nogil;
+        fst::move_on_device(device, list, repeats);
+      },
+      py::arg("device"), py::arg("moves"), py::arg("repeats") = 1,
+      "Copy each (src, dst, bytes) of device addresses on CUDA device `device` with fst's batched\n"
+      "move kernel, all in one launch (`repeats` launches in a row), and wait. Destinations must\n"
+      "not overlap any source or other destination.");
   m.def(
       "conversion_supported",
       [](const std::string& src_dtype, const std::string& dst_dtype) {

@@ -216,6 +216,41 @@ def test_conversion_kernel_on_large_tensors_writes_every_element(pair):
     _same_bits_or_both_nan(got.view(d_t), want, pair)
 
 
+def _random_moves(gen, src_len: int, n: int):
+    """n moves (src offset, dst offset, bytes): sizes from 0 to 300 KB, mostly small, at every
+    alignment on both sides; destinations in order with random gaps, never overlapping."""
+    moves, cursor = [], 0
+    for _ in range(n):
+        scale = int(torch.randint(0, 3, (1,), generator=gen))
+        size = int(torch.randint(0, (64, 5000, 300_000)[scale], (1,), generator=gen))
+        src_off = int(torch.randint(0, src_len - size + 1, (1,), generator=gen))
+        dst_off = cursor + int(torch.randint(0, 300, (1,), generator=gen))
+        moves.append((src_off, dst_off, size))
+        cursor = dst_off + size
+    return moves, cursor + 300
+
+
+def test_move_kernel_places_many_tensors_in_one_launch():
+    """The alignment kernel: 700 moves of random sizes from random source offsets to slots at
+    random alignments, in one launch, into a poisoned buffer: every slot holds its source
+    bytes and every byte between the slots keeps the poison."""
+    gen = torch.Generator().manual_seed(3)
+    src = torch.randint(0, 256, (4 << 20,), dtype=torch.uint8, generator=gen)
+    moves, dst_len = _random_moves(gen, src.numel(), 700)
+    want = torch.full((dst_len,), 0xA5, dtype=torch.uint8)
+    for s_off, d_off, size in moves:
+        want[d_off:d_off + size] = src[s_off:s_off + size]
+    src_dev = src.cuda()
+    dst_dev = torch.full((dst_len,), 0xA5, dtype=torch.uint8, device="cuda")
+    base_s, base_d = src_dev.data_ptr(), dst_dev.data_ptr()
+    fst._core.move_on_device(torch.cuda.current_device(),
+                             [(base_s + s_off, base_d + d_off, size) for s_off, d_off, size in moves])
+    got = dst_dev.cpu()
+    if not torch.equal(got, want):
+        bad = (got != want).nonzero()[:5].reshape(-1).tolist()
+        raise AssertionError(f"bytes differ first at {bad}")
+
+
 def test_conversion_kernel_refuses_an_unsupported_pair():
     with pytest.raises(fst.UnsupportedError):
         fst._core.convert_on_device(torch.cuda.current_device(), 0, "I32", 0, "F32", 1)

@@ -39,6 +39,15 @@ CufileInfo cufile_info(const std::string& bundled_library = "");
 void convert_on_device(int device, std::uint64_t src, Dtype from, std::uint64_t dst, Dtype to,
                        std::uint64_t count, unsigned repeats = 1);
 
+// One copy of `bytes` bytes between device addresses.
+struct DeviceMove {
+  std::uint64_t src, dst, bytes;
+};
+// Runs the batched move kernel (the one that places GDS reads in aligned slots) over `moves`:
+// `repeats` launches of one batch each, then waits. No destination may overlap another move's
+// source or destination (a move with dst == src is skipped). For kernel tests and benchmarks.
+void move_on_device(int device, const std::vector<DeviceMove>& moves, unsigned repeats = 1);
+
 class StagingSink;
 class GdsDevice;
 // A staging sink whose destination is device memory of CUDA device `device` (its primary

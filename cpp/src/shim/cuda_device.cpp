@@ -6,6 +6,7 @@
 #include <mutex>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "detail/fatbin.hpp"
 #include "detail/kernel_abi.hpp"
@@ -132,23 +133,49 @@ void Stream::synchronize() const { check(Driver::get().cuStreamSynchronize(strea
 
 namespace fst {
 
-void convert_on_device(int device, std::uint64_t src, Dtype from, std::uint64_t dst, Dtype to,
-                       std::uint64_t count, unsigned repeats) {
+namespace {
+
+// `repeats` launches of a batch kernel over `tasks` on the legacy default stream, then a wait.
+template <class Task>
+void launch_and_wait(int device, const char* image, const char* name, const std::vector<Task>& tasks,
+                     std::uint64_t bytes, unsigned repeats) {
   using namespace cuda;
-  if (from != to && !conversion_supported(from, to))
-    throw UnsupportedError("no conversion from " + std::string(dtype_name(from)) + " to " + std::string(dtype_name(to)));
   const Driver& d = Driver::get();
   ScopedDevice scope(device);
-  const BatchKernel& kernel = batch_kernel(device, "convert", kernels::kConvertKernel);
-  const kernels::ConvertTask task{src, dst, count, static_cast<std::uint32_t>(from), static_cast<std::uint32_t>(to)};
+  const BatchKernel& kernel = batch_kernel(device, image, name);
+  if (tasks.empty()) return;
   // The task list lives in device memory until the launches using it have finished.
-  std::shared_ptr<Buffer> list = make_device_arena(device, sizeof task);
+  const std::size_t list_bytes = tasks.size() * sizeof(Task);
+  std::shared_ptr<Buffer> list = make_device_arena(device, list_bytes);
   const auto list_address = static_cast<CUdeviceptr>(reinterpret_cast<std::uintptr_t>(list->data()));
-  check(d.cuMemcpyHtoDAsync(list_address, &task, sizeof task, nullptr), "cuMemcpyHtoDAsync (task list)");
-  const std::uint64_t wider = count * std::max(dtype_bits(from), dtype_bits(to)) / 8;
+  check(d.cuMemcpyHtoDAsync(list_address, tasks.data(), list_bytes, nullptr), "cuMemcpyHtoDAsync (task list)");
+  const std::string what = std::string("cuLaunchKernel (") + name + ")";
   for (unsigned i = 0; i < repeats; ++i)
-    launch_batch(kernel, list_address, 1, wider, nullptr, "cuLaunchKernel (fst_convert_batch)");
+    launch_batch(kernel, list_address, static_cast<std::uint32_t>(tasks.size()), bytes, nullptr, what.c_str());
   check(d.cuStreamSynchronize(nullptr), "cuStreamSynchronize");
+}
+
+}  // namespace
+
+void convert_on_device(int device, std::uint64_t src, Dtype from, std::uint64_t dst, Dtype to,
+                       std::uint64_t count, unsigned repeats) {
+  if (from != to && !conversion_supported(from, to))
+    throw UnsupportedError("no conversion from " + std::string(dtype_name(from)) + " to " + std::string(dtype_name(to)));
+  const std::vector<kernels::ConvertTask> tasks{
+      {src, dst, count, static_cast<std::uint32_t>(from), static_cast<std::uint32_t>(to)}};
+  launch_and_wait(device, "convert", kernels::kConvertKernel, tasks,
+                  count * std::max(dtype_bits(from), dtype_bits(to)) / 8, repeats);
+}
+
+void move_on_device(int device, const std::vector<DeviceMove>& moves, unsigned repeats) {
+  std::vector<kernels::MoveTask> tasks;
+  tasks.reserve(moves.size());
+  std::uint64_t bytes = 0;
+  for (const DeviceMove& m : moves) {
+    tasks.push_back(kernels::MoveTask{m.src, m.dst, m.bytes});
+    bytes += m.bytes;
+  }
+  launch_and_wait(device, "align", kernels::kMoveKernel, tasks, bytes, repeats);
 }
 
 }  // namespace fst
