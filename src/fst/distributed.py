@@ -551,7 +551,8 @@ class _Run:
         self.cdev = torch.device("cuda", torch.cuda.current_device()) if nccl_only else torch.device("cpu")
         self.target = torch.device("cpu")
         self.stats: dict[str, Any] = {
-            "backend": None, "reason": None, "tensors": 0, "bytes": 0, "bytes_read": 0,
+            "backend": None, "reason": None, "strategy": None, "tensors": 0, "bytes": 0, "bytes_read": 0,
+            "bytes_mapped": 0,
             "bytes_sent": 0, "bytes_received": 0, "requests": 0, "resident": None, "seconds": 0.0,
             "seconds_plan": 0.0, "seconds_read": 0.0, "seconds_copy": 0.0, "seconds_comm": 0.0,
             "threads": 0, "rank": self.me, "world_size": self.ws, "steps": 0, "collectives": 0,
@@ -1029,7 +1030,6 @@ class _Run:
         mapped = self.backend in ("auto", "mmap")
         backend = "mmap" if mapped else self.backend
         groups = [self.plan.tensors] if mapped else [step.done for step in self.plan.steps]
-        self.stats["bytes_mapped"] = 0
         done = 0
         error: Optional[BaseException] = None
         try:
