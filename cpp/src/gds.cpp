@@ -170,16 +170,14 @@ GdsLoad::GdsLoad(std::shared_ptr<const Checkpoint> ckpt, std::vector<Pick> selec
     start_window(0);
   } catch (...) {
     // No destructor runs for a half-built load: stop what was queued before members go.
-    group_.cancel();
-    group_.wait_for(-1);
+    group_.stop();
     throw;
   }
 }
 
 GdsLoad::~GdsLoad() {
   // Tasks still queued or running use this object: stop them first (a no-op once finished).
-  group_.cancel();
-  group_.wait_for(-1);
+  group_.stop();
   pool_.reset();
 }
 

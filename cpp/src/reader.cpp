@@ -199,16 +199,14 @@ PendingLoad::PendingLoad(std::shared_ptr<const Checkpoint> ckpt, std::vector<Pic
   } catch (...) {
     // No destructor runs for a half-built load: stop the tasks already queued here, before
     // the members they use go away.
-    group_.cancel();
-    group_.wait_for(-1);
+    group_.stop();
     throw;
   }
 }
 
 PendingLoad::~PendingLoad() {
   // Tasks still queued or running use this object: stop them first (a no-op once finished).
-  group_.cancel();
-  group_.wait_for(-1);
+  group_.stop();
 }
 
 void PendingLoad::start_views(bool read_ahead) {

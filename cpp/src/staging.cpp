@@ -109,8 +109,7 @@ StagedLoad::StagedLoad(std::shared_ptr<const Checkpoint> ckpt, std::vector<Pick>
 
 StagedLoad::~StagedLoad() {
   // Tasks still queued or running use this object: stop them first (a no-op once finished).
-  group_.cancel();
-  group_.wait_for(-1);
+  group_.stop();
   pool_.reset();
   // Copies still queued read from the staging buffers: let them finish before the sink goes.
   // A wait that fails (a device error, which sticks) has nothing left to wait for, and the

@@ -29,6 +29,12 @@ class TaskGroup {
   // cancelled"). Then rethrows the first task failure.
   void drive(const std::function<bool()>& tick, int tick_ms);
   void cancel() noexcept { cancelled_.store(true, std::memory_order_relaxed); }
+  // Cancels and waits until no task of the group runs any more: what an owner does before the
+  // members its tasks use go away (a no-op once every task has finished).
+  void stop() {
+    cancel();
+    wait_for(-1);
+  }
   bool cancelled() const noexcept { return cancelled_.load(std::memory_order_relaxed); }
 
  private:
