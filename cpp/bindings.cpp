@@ -567,8 +567,9 @@ PYBIND11_MODULE(_core, m) {
       .def("start_staged", [](const PySelection& s, int device, const std::string& backend, unsigned threads,
                               std::uint64_t alignment, std::uint64_t budget, std::uint64_t buffer_bytes,
                               unsigned host_copy_delay_us, bool host_converts, unsigned host_fail_wait,
-                              const std::string& note, std::shared_ptr<StagingSink> sink) {
+                              const std::string& note, std::shared_ptr<StagingSink> sink, std::uint32_t batch_pieces) {
         StagingOptions opt;
+        opt.batch_pieces = batch_pieces;
         opt.backend = backend_from_name(backend);
         opt.threads = threads;
         opt.alignment = alignment;
@@ -582,7 +583,7 @@ PYBIND11_MODULE(_core, m) {
       }, py::arg("device"), py::arg("backend") = "pread", py::arg("threads") = 0, py::arg("alignment") = 256,
          py::arg("budget") = 128u << 20, py::arg("buffer_bytes") = 16u << 20,
          py::arg("host_copy_delay_us") = 0, py::arg("host_converts") = true, py::arg("host_fail_wait") = 0,
-         py::arg("note") = "", py::arg("sink") = nullptr)
+         py::arg("note") = "", py::arg("sink") = nullptr, py::arg("batch_pieces") = StagingOptions{}.batch_pieces)
       // The GDS plan itself, for tests: per window, its reads (file, offset, length, needed,
       // bulk offset), moves (bulk offset, slot offset, bytes, pick), conversions (bulk offset,
       // slot offset, count, from, to, pick) and the bulk bytes it uses.

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import fst
-from checkpoints import ALL_DTYPES, raw_bytes, write
+from checkpoints import ALL_DTYPES, assert_same_bits, raw_bytes, write
 
 torch = pytest.importorskip("torch")
 import safetensors  # noqa: E402
@@ -175,18 +175,7 @@ def test_device_conversion_kernels_match_torch(tmp_path, target):
         del os.environ["FST_STAGING_BUFFER"]
     for name, t in got.items():
         assert t.device.type == "cuda" and t.dtype == torch_dtype, name
-        _same_bits_or_both_nan(t, ref[name].to(torch_dtype), f"{name} -> {target}")
-
-
-def _same_bits_or_both_nan(t, want, label):
-    if raw_bytes(t) == raw_bytes(want):
-        return
-    # torch's CPU cast itself writes different NaN payloads in its scalar tail than in its
-    # vector body: where the bits differ, both must be NaN.
-    a, b = t.cpu(), want
-    width = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
-    differ = a.view(width) != b.view(width)
-    assert bool(a[differ].float().isnan().all()) and bool(b[differ].float().isnan().all()), label
+        assert_same_bits(t, ref[name].to(torch_dtype), f"{name} -> {target}")
 
 
 _TORCH = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
@@ -213,7 +202,7 @@ def test_conversion_kernel_on_large_tensors_writes_every_element(pair):
                                 out.data_ptr() + 1, dst, count)
     got = out[1:-2].cpu().clone()  # a tensor of its own (offset 0), so it can be viewed as d_t
     assert out[0].item() == 0xA5 and out[-2:].tolist() == [0xA5, 0xA5]  # nothing outside written
-    _same_bits_or_both_nan(got.view(d_t), want, pair)
+    assert_same_bits(got.view(d_t), want, pair)
 
 
 def _random_moves(gen, src_len: int, n: int):
@@ -330,7 +319,7 @@ def test_gds_converts_on_the_device(gds_dir, target, monkeypatch):
     assert fst.last_load_stats()["backend"] == "gds"
     for name, t in got.items():
         assert t.device.type == "cuda" and t.dtype == torch_dtype and t.data_ptr() % 256 == 0, name
-        _same_bits_or_both_nan(t, ref[name].to(torch_dtype), f"{name} -> {target}")
+        assert_same_bits(t, ref[name].to(torch_dtype), f"{name} -> {target}")
 
 
 @needs_gds

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 import fst
-from checkpoints import raw_bytes, write
+from checkpoints import assert_same_bits, raw_bytes, write
 from fst.adapters.numpy import NUMPY_DTYPES
 
 
@@ -50,6 +50,34 @@ def test_loads_one_after_another_share_a_sinks_staging_buffers(checkpoint):
     assert 0 < counts[0] <= 4 and counts[-1] == counts[2] <= 4, counts  # never more than the ring
     ckpt.select(None).start_staged(-1, "pread", 3, 256, 4 * 65536, 65536, sink=sink).wait()
     assert sink.buffers_allocated > counts[-1]  # larger buffers: allocated anew
+
+
+@pytest.mark.parametrize("batch_pieces", [1, 8, 2**32 - 1])
+@pytest.mark.parametrize("dtype", [None, "F32"])
+def test_requests_of_many_tiny_tensors_are_placed_by_one_move(tmp_path, batch_pieces, dtype):
+    """Many tiny tensors: a request holding at least batch_pieces of them is copied whole to
+    scratch memory and placed by one batched move (the conversions reading the same copy);
+    the bytes are the same as copying piece by piece."""
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(5)
+    tensors = [(f"t{i}", ["F16", "BF16", "I32", "U8", "F32"][i % 5], [int(rng.integers(0, 9)), 3]) for i in range(1500)]
+    path = write(tmp_path / "tiny.safetensors", tensors, prefix=b"\x01")
+    ref = fst.load(path, framework="torch")
+    selection = fst.open_checkpoint(path).select(None)
+    if dtype is not None:
+        selection = selection.with_dtypes(dtype, [])
+    loaded = selection.start_staged(-1, "pread", 3, 256, 4 * 8192, 8192, host_copy_delay_us=5,
+                                    batch_pieces=batch_pieces).wait()
+    got = {n: torch.from_dlpack(t) for n, t in loaded.to_dlpack([False] * len(fst._core.DTYPE_NAMES))}
+    for name, t in got.items():
+        want = ref[name].to(torch.float32) if dtype and ref[name].is_floating_point() else ref[name]
+        assert t.dtype == want.dtype, name
+        assert_same_bits(t, want, name)
+        assert t.data_ptr() % 256 == 0, name
+    batched = "placed by one batched move" in loaded.stats["reason"]
+    assert batched == (batch_pieces < 2**32 - 1), loaded.stats["reason"]
 
 
 def test_staged_rows_and_filters(checkpoint):

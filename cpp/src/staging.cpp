@@ -88,12 +88,11 @@ StagedLoad::StagedLoad(std::shared_ptr<const Checkpoint> ckpt, std::vector<Pick>
   // the first reads start after one allocation, not after all of them.
   sink_->reserve_lanes(count);
   buffers_.assign(count, nullptr);
-  if (!targets_.empty()) {
-    std::size_t most = 0;
-    for (const ReadRequest& req : plan_.requests) most = std::max<std::size_t>(most, req.piece_count);
-    for (unsigned lane = 0; lane < count; ++lane) scratch_.push_back(sink_->scratch(lane, buffer_size_));
-    sink_->reserve_tasks(count, most);
-  }
+  scratch_.assign(count, 0);
+  std::size_t most_pieces = 0;
+  for (const ReadRequest& req : plan_.requests) most_pieces = std::max<std::size_t>(most_pieces, req.piece_count);
+  batching_ = sink_->moves() && most_pieces >= opt_.batch_pieces;
+  if (batching_ || !targets_.empty()) sink_->reserve_tasks(count, batching_ ? most_pieces : 0, targets_.empty() ? 0 : most_pieces);
   busy_.assign(count, false);
   in_flight_.assign(count, false);
   st.reason = std::to_string(count) + " pinned staging buffers of " +
@@ -184,25 +183,38 @@ void StagedLoad::run_request(const ReadRequest& req) {
       src = buffers_[lane];
     }
     const Piece* pieces = plan_.pieces.data() + req.first_piece;
-    std::vector<kernels::ConvertTask> tasks;
+    const bool batched = batching_ && req.piece_count >= opt_.batch_pieces;
+    std::uint64_t scratch = 0;  // where the lane's staging buffer is mirrored on the device
+    if (batched || !targets_.empty()) {
+      if (!scratch_[lane]) scratch_[lane] = sink_->scratch(lane, buffer_size_);
+      scratch = scratch_[lane] - reinterpret_cast<std::uintptr_t>(buffers_[lane]);
+    }
+    // Batched: the whole request in one copy; each piece then moved (or converted) from there.
+    if (batched) sink_->copy_async(lane, scratch + reinterpret_cast<std::uintptr_t>(src), src, req.length);
+    std::vector<kernels::MoveTask> moves;
+    std::vector<kernels::ConvertTask> converts;
     for (std::uint32_t k = 0; k < req.piece_count; ++k) {
       const Piece& piece = pieces[k];
       const Dtype from = ckpt_->entry(result_.selection[piece.pick].ref).dtype;
+      const std::uint64_t slot = slots_[piece.pick];
+      const std::uint64_t raw = scratch + reinterpret_cast<std::uintptr_t>(src);
       if (targets_.empty() || targets_[piece.pick] == from) {
-        sink_->copy_async(lane, slots_[piece.pick] + piece.pick_offset, src, piece.length);
+        if (batched) moves.push_back(kernels::MoveTask{raw, slot + piece.pick_offset, piece.length});
+        else sink_->copy_async(lane, slot + piece.pick_offset, src, piece.length);
       } else {
-        // Raw bytes to scratch memory beside the staging buffer, then converted into the slot.
+        // Raw bytes in scratch memory beside the staging buffer, converted into the slot.
+        if (!batched) sink_->copy_async(lane, raw, src, piece.length);
         const Dtype to = targets_[piece.pick];
-        const std::uint64_t raw = scratch_[lane] + static_cast<std::uint64_t>(src - buffers_[lane]);
-        sink_->copy_async(lane, raw, src, piece.length);
         const std::uint64_t first = piece.pick_offset * 8 / dtype_bits(from);
-        tasks.push_back(kernels::ConvertTask{raw, slots_[piece.pick] + first * dtype_bits(to) / 8,
-                                             piece.length * 8 / dtype_bits(from),
-                                             static_cast<std::uint32_t>(from), static_cast<std::uint32_t>(to)});
+        converts.push_back(kernels::ConvertTask{raw, slot + first * dtype_bits(to) / 8,
+                                                piece.length * 8 / dtype_bits(from),
+                                                static_cast<std::uint32_t>(from), static_cast<std::uint32_t>(to)});
       }
       src += piece.length;
     }
-    if (!tasks.empty()) sink_->convert_async(lane, tasks);
+    if (!moves.empty()) sink_->move_async(lane, moves);
+    if (!converts.empty()) sink_->convert_async(lane, converts);
+    if (batched) batched_.fetch_add(1, std::memory_order_relaxed);
   } catch (...) {
     release_buffer(lane);
     throw;
@@ -221,6 +233,9 @@ LoadedTensors StagedLoad::wait(const std::function<bool()>& tick, int tick_ms) {
     }
   files_.reset();
   sink_.reset();  // its staging memory goes with it unless the sink serves more loads
+  if (const std::uint64_t n = batched_.load())
+    result_.stats.reason += "; " + std::to_string(n) + " of " + std::to_string(plan_.requests.size()) +
+                            " requests copied whole and placed by one batched move";
   result_.stats.seconds = detail::now_seconds() - started_;
   return std::move(result_);
 }
@@ -261,9 +276,17 @@ class HostSink final : public StagingSink {
     return reinterpret_cast<std::uintptr_t>(buffer->data());
   }
   bool converts() const override { return converts_; }
+  bool moves() const override { return true; }
+  void reserve_tasks(unsigned, std::size_t, std::size_t) override {}
 
   void copy_async(unsigned lane, std::uint64_t dst, const std::byte* src, std::uint64_t bytes) override {
     enqueue(lane, [dst, src, bytes] { std::memcpy(reinterpret_cast<std::byte*>(dst), src, bytes); });
+  }
+  void move_async(unsigned lane, const std::vector<kernels::MoveTask>& tasks) override {
+    enqueue(lane, [tasks] {
+      for (const auto& t : tasks)
+        if (t.src != t.dst) std::memcpy(reinterpret_cast<void*>(t.dst), reinterpret_cast<const void*>(t.src), t.bytes);
+    });
   }
   void convert_async(unsigned lane, const std::vector<kernels::ConvertTask>& tasks) override {
     enqueue(lane, [tasks] {

@@ -24,8 +24,9 @@ namespace fst {
 // per lane; the host implementation (tests) copies on a thread of its own, so both exercise the
 // rule that a staging buffer is reused only after its copies have finished.
 namespace kernels {
-struct ConvertTask;  // cpp/src/detail/kernel_abi.hpp: the batch descriptor of the kernels
-}
+struct ConvertTask;  // cpp/src/detail/kernel_abi.hpp: the batch descriptors of the kernels
+struct MoveTask;
+}  // namespace kernels
 
 //
 // A sink serves one load at a time, and may serve several one after another (the groups of a
@@ -47,15 +48,19 @@ class StagingSink {
   virtual void copy_async(unsigned lane, std::uint64_t dst, const std::byte* src, std::uint64_t bytes) = 0;
   // Returns once every copy queued on `lane` so far has finished.
   virtual void wait(unsigned lane) = 0;
-  // Whether the sink converts dtypes itself (CUDA: the embedded kernels were built).
+  // Whether the sink converts dtypes itself (CUDA: the conversion kernel loaded).
   virtual bool converts() const = 0;
-  // Device memory of at least `bytes` for `lane`: where raw bytes of tensors to convert land.
+  // Whether the sink places many pieces with one batched move (CUDA: the move kernel loaded).
+  virtual bool moves() const = 0;
+  // Device memory of at least `bytes` for `lane`, where raw bytes land before a conversion or
+  // a batched move takes them to their slots. Called on a reading thread holding the lane.
   virtual std::uint64_t scratch(unsigned lane, std::size_t bytes) = 0;
-  // Queues `tasks` on `lane` after its copies: each converts from scratch memory into the
-  // destination (addresses in ConvertTask are absolute). At most `max_tasks` (see reserve_tasks).
+  // Queue `tasks` on `lane` after its copies: each converts (moves) from scratch memory into the
+  // destination; addresses are absolute. At most as many as reserve_tasks() made room for.
   virtual void convert_async(unsigned lane, const std::vector<kernels::ConvertTask>& tasks) = 0;
-  // Room for up to `max_tasks` tasks per convert_async call on every lane.
-  virtual void reserve_tasks(unsigned lanes, std::size_t max_tasks) { (void)lanes, (void)max_tasks; }
+  virtual void move_async(unsigned lane, const std::vector<kernels::MoveTask>& tasks) = 0;
+  // Room for up to `max_moves` move and `max_converts` conversion tasks per call, on every lane.
+  virtual void reserve_tasks(unsigned lanes, std::size_t max_moves, std::size_t max_converts) = 0;
   // Called on a reading thread before each request (CUDA: make the device's context current).
   virtual void bind_thread() {}
   virtual ExportDevice device() const { return ExportDevice{}; }
@@ -72,6 +77,10 @@ struct StagingOptions {
   std::uint64_t buffer_bytes = 16u << 20;  // one staging buffer (= the largest read request)
   std::uint64_t budget = 128u << 20;       // all staging buffers together
   std::uint64_t alignment = 256;           // of every tensor slot in the destination
+  // A request of at least this many pieces is copied to the device whole, into scratch memory,
+  // and placed by one batched move, where one copy per piece would cost a driver call each
+  // (checkpoints of many tiny tensors). Needs a sink that moves().
+  std::uint32_t batch_pieces = 8;
 };
 
 // How many buffers a budget buys (at least 2 so that reading and copying overlap).
@@ -108,7 +117,9 @@ class StagedLoad final : public AsyncLoad {
   std::unique_ptr<Files> files_;
   std::vector<std::byte*> buffers_;        // per lane, allocated when the lane is first used
   std::size_t buffer_size_ = 0;
-  std::vector<std::uint64_t> scratch_;     // per lane, when converting: raw bytes on the device
+  std::vector<std::uint64_t> scratch_;     // per lane, once needed: raw bytes on the device
+  bool batching_ = false;                  // requests of many pieces are placed by one move
+  std::atomic<std::uint64_t> batched_{0};  // requests placed so
   std::vector<Dtype> targets_;             // per pick, when the sink converts
   std::vector<std::uint64_t> slots_;       // per pick: address in the destination
   std::mutex ring_mu_;

@@ -2,8 +2,12 @@
 // staging sink (cuda_sink.cpp) and the GPU Direct Storage device (cufile_device.cpp) use.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <memory>
+#include <stdexcept>
+#include <vector>
 
 #include "fst/buffer.hpp"
 #include "shim/cuda_api.hpp"
@@ -55,6 +59,34 @@ class Stream {
  private:
   int device_;
   CUstream stream_ = nullptr;
+};
+
+// A task list of one kernel launch: filled in pinned host memory, copied to the device on the
+// stream before the launch. Reused only after the stream has drained (its owner waits for the
+// stream before the next upload).
+template <class Task>
+class TaskList {
+ public:
+  TaskList(int device, std::size_t most)
+      : host_(device, std::max<std::size_t>(most, 1) * sizeof(Task), "cuMemHostAlloc (task list)"),
+        device_(make_device_arena(device, std::max<std::size_t>(most, 1) * sizeof(Task))),
+        most_(most) {}
+
+  std::size_t capacity() const noexcept { return most_; }
+
+  CUdeviceptr upload(const std::vector<Task>& tasks, CUstream stream) {
+    if (tasks.size() > most_) throw std::logic_error("more kernel tasks than reserved");
+    std::memcpy(host_.data(), tasks.data(), tasks.size() * sizeof(Task));
+    const auto address = static_cast<CUdeviceptr>(reinterpret_cast<std::uintptr_t>(device_->data()));
+    check(Driver::get().cuMemcpyHtoDAsync(address, host_.data(), tasks.size() * sizeof(Task), stream),
+          "cuMemcpyHtoDAsync (task list)");
+    return address;
+  }
+
+ private:
+  PinnedBuffer host_;
+  std::shared_ptr<Buffer> device_;
+  std::size_t most_;
 };
 
 }  // namespace fst::cuda

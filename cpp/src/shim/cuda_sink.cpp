@@ -3,7 +3,7 @@
 #include <algorithm>
 #include <cstring>
 #include <deque>
-#include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -27,15 +27,11 @@ class CudaSink final : public StagingSink {
  public:
   explicit CudaSink(int device) : device_(device) {
     ScopedDevice check_available(device);
-    // Load the conversion kernel now, not on a reading thread halfway through the load: where
-    // it cannot load (code built for a newer driver, say), the framework converts instead.
-    if (kernels::kFatbinCount > 0) {
-      try {
-        convert_kernel_ = &batch_kernel(device_, "convert", kernels::kConvertKernel);
-      } catch (const CudaError&) {
-        convert_kernel_ = nullptr;
-      }
-    }
+    // Load the kernels now, not on a reading thread halfway through the load: where one cannot
+    // load (code built for a newer driver, say), the framework converts instead, or each piece
+    // is copied on its own.
+    convert_kernel_ = load_kernel("convert", kernels::kConvertKernel);
+    move_kernel_ = load_kernel("align", kernels::kMoveKernel);
   }
 
   std::shared_ptr<Buffer> allocate(std::uint64_t bytes) override { return make_device_arena(device_, bytes); }
@@ -68,17 +64,20 @@ class CudaSink final : public StagingSink {
   }
 
   bool converts() const override { return convert_kernel_ != nullptr; }
+  bool moves() const override { return move_kernel_ != nullptr; }
 
-  void reserve_tasks(unsigned lanes, std::size_t max_tasks) override {
-    const std::size_t bytes = std::max<std::size_t>(max_tasks, 1) * sizeof(kernels::ConvertTask);
+  void reserve_tasks(unsigned lanes, std::size_t max_moves, std::size_t max_converts) override {
     for (unsigned lane = 0; lane < lanes; ++lane) {
       Lane& l = lanes_.at(lane);
-      if (l.tasks_bytes >= bytes) continue;
-      l.host_tasks.reset();
-      l.device_tasks.reset();
-      l.host_tasks = std::make_unique<PinnedBuffer>(device_, bytes, "cuMemHostAlloc (task list)");
-      l.device_tasks = make_device_arena(device_, bytes);
-      l.tasks_bytes = bytes;
+      // Separate lists: a request may queue both launches before either has run.
+      if (max_moves && (!l.moves || l.moves->capacity() < max_moves)) {
+        l.moves.reset();
+        l.moves.emplace(device_, max_moves);
+      }
+      if (max_converts && (!l.converts || l.converts->capacity() < max_converts)) {
+        l.converts.reset();
+        l.converts.emplace(device_, max_converts);
+      }
     }
   }
 
@@ -92,16 +91,19 @@ class CudaSink final : public StagingSink {
 
   void convert_async(unsigned lane, const std::vector<kernels::ConvertTask>& tasks) override {
     Lane& l = lanes_[lane];
-    const std::size_t list_bytes = tasks.size() * sizeof(kernels::ConvertTask);
-    // The lane's task list is free: the lane is reused only after its stream has drained.
-    std::memcpy(l.host_tasks->data(), tasks.data(), list_bytes);
-    check(Driver::get().cuMemcpyHtoDAsync(address(*l.device_tasks), l.host_tasks->data(), list_bytes,
-                                          l.stream->get()),
-          "cuMemcpyHtoDAsync (task list)");
     std::uint64_t bytes = 0;
     for (const auto& t : tasks) bytes += t.count * 8;  // an upper bound of the wider side
-    launch_batch(*convert_kernel_, address(*l.device_tasks), static_cast<std::uint32_t>(tasks.size()), bytes,
-                 l.stream->get(), "cuLaunchKernel (fst_convert_batch)");
+    // The lane's task lists are free: the lane is reused only after its stream has drained.
+    launch_batch(*convert_kernel_, l.converts->upload(tasks, l.stream->get()), static_cast<std::uint32_t>(tasks.size()),
+                 bytes, l.stream->get(), "cuLaunchKernel (fst_convert_batch)");
+  }
+
+  void move_async(unsigned lane, const std::vector<kernels::MoveTask>& tasks) override {
+    Lane& l = lanes_[lane];
+    std::uint64_t bytes = 0;
+    for (const auto& t : tasks) bytes += t.bytes;
+    launch_batch(*move_kernel_, l.moves->upload(tasks, l.stream->get()), static_cast<std::uint32_t>(tasks.size()),
+                 bytes, l.stream->get(), "cuLaunchKernel (fst_move_batch)");
   }
 
   void wait(unsigned lane) override {
@@ -118,14 +120,22 @@ class CudaSink final : public StagingSink {
   struct Lane {
     std::unique_ptr<PinnedBuffer> buffer;
     std::size_t buffer_bytes = 0;
-    std::unique_ptr<PinnedBuffer> host_tasks;
     std::shared_ptr<Buffer> scratch;
-    std::shared_ptr<Buffer> device_tasks;
-    std::size_t tasks_bytes = 0;
+    std::optional<TaskList<kernels::MoveTask>> moves;
+    std::optional<TaskList<kernels::ConvertTask>> converts;
     std::unique_ptr<Stream> stream;
   };
+  const BatchKernel* load_kernel(const char* image, const char* name) const {
+    if (kernels::kFatbinCount == 0) return nullptr;
+    try {
+      return &batch_kernel(device_, image, name);
+    } catch (const CudaError&) {
+      return nullptr;
+    }
+  }
   int device_;
   const BatchKernel* convert_kernel_ = nullptr;
+  const BatchKernel* move_kernel_ = nullptr;
   std::deque<Lane> lanes_;  // a deque: references to lanes stay valid as it grows
 };
 
