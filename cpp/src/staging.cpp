@@ -92,7 +92,8 @@ StagedLoad::StagedLoad(std::shared_ptr<const Checkpoint> ckpt, std::vector<Pick>
   std::size_t most_pieces = 0;
   for (const ReadRequest& req : plan_.requests) most_pieces = std::max<std::size_t>(most_pieces, req.piece_count);
   batching_ = sink_->moves() && most_pieces >= opt_.batch_pieces;
-  if (batching_ || !targets_.empty()) sink_->reserve_tasks(count, batching_ ? most_pieces : 0, targets_.empty() ? 0 : most_pieces);
+  if (batching_ || !targets_.empty())
+    sink_->reserve_tasks(count, batching_ ? most_pieces : 0, targets_.empty() ? 0 : most_pieces);
   busy_.assign(count, false);
   in_flight_.assign(count, false);
   st.reason = std::to_string(count) + " pinned staging buffers of " +
@@ -357,7 +358,7 @@ class HostSink final : public StagingSink {
 
 std::shared_ptr<StagingSink> make_host_sink(std::uint64_t alignment, unsigned copy_delay_us, bool converts,
                                             unsigned fail_wait) {
-  return std::make_unique<HostSink>(alignment, copy_delay_us, converts, fail_wait);
+  return std::make_shared<HostSink>(alignment, copy_delay_us, converts, fail_wait);
 }
 
 }  // namespace fst
