@@ -426,6 +426,12 @@ struct PyCheckpoint {
 
 void fst_register_convert(py::module_& m);  // cpp/bindings_convert.cpp
 
+// The device of a GDS load: cuFile into CUDA device memory (device >= 0), or O_DIRECT reads
+// into host memory with the host twins of the kernels (device < 0: checkable without a GPU).
+std::shared_ptr<GdsDevice> make_gds_device(int device, const std::string& bundled_library) {
+  return device < 0 ? make_host_gds_device() : make_cufile_device(device, bundled_library);
+}
+
 // The sink of a staged load: CUDA device memory (device >= 0), or host memory through a host
 // copy engine (device < 0: the same pipeline, checkable without a GPU).
 std::shared_ptr<StagingSink> make_staging_sink(int device, std::uint64_t alignment, unsigned host_copy_delay_us,
@@ -504,6 +510,16 @@ PYBIND11_MODULE(_core, m) {
            py::arg("device"), py::arg("alignment") = 256, py::arg("host_copy_delay_us") = 0,
            py::arg("host_converts") = true)
       .def_property_readonly("buffers_allocated", &StagingSink::buffers_allocated);
+
+  // What GDS loads run one after another (the groups of a stream) share: registered files, the
+  // registered bulk buffer, task lists. One load at a time.
+  py::class_<GdsDevice, std::shared_ptr<GdsDevice>>(m, "GdsDevice")
+      .def(py::init([](int device, const std::string& bundled_library) {
+             py::gil_scoped_release release;
+             return make_gds_device(device, bundled_library);
+           }),
+           py::arg("device"), py::arg("bundled_library") = "")
+      .def_property_readonly("bulk_allocations", &GdsDevice::bulk_allocations);
 
   py::class_<PySelection>(m, "Selection")
       .def("__len__", [](const PySelection& s) { return s.picks.size(); })
@@ -623,7 +639,7 @@ PYBIND11_MODULE(_core, m) {
       // memory with the host twins of the kernels (device = -1: checkable without a GPU).
       .def("start_gds", [](const PySelection& s, int device, unsigned threads, std::uint64_t alignment,
                            std::uint64_t request_bytes, std::uint64_t bulk_bytes, const std::string& bundled_library,
-                           std::uint64_t merge_gap) {
+                           std::uint64_t merge_gap, std::shared_ptr<GdsDevice> gds_device) {
         GdsOptions opt;
         opt.threads = threads;
         opt.alignment = alignment;
@@ -632,12 +648,12 @@ PYBIND11_MODULE(_core, m) {
         opt.merge_gap = merge_gap;
         PyPending p{nullptr, s.ckpt, {}};
         py::gil_scoped_release release;
-        auto dev = device < 0 ? make_host_gds_device() : make_cufile_device(device, bundled_library);
-        p.pending = std::make_unique<GdsLoad>(s.ckpt, s.picks, opt, std::move(dev), s.targets);
+        if (!gds_device) gds_device = make_gds_device(device, bundled_library);
+        p.pending = std::make_unique<GdsLoad>(s.ckpt, s.picks, opt, std::move(gds_device), s.targets);
         return p;
       }, py::arg("device"), py::arg("threads") = 0, py::arg("alignment") = 256,
          py::arg("request_bytes") = 16u << 20, py::arg("bulk_bytes") = 512u << 20,
-         py::arg("bundled_library") = "", py::arg("merge_gap") = 1u << 20);
+         py::arg("bundled_library") = "", py::arg("merge_gap") = 1u << 20, py::arg("gds_device") = nullptr);
 
   py::class_<PyCheckpoint>(m, "Checkpoint")
       .def(py::init([](const std::vector<std::string>& paths, unsigned threads) {

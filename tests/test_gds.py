@@ -200,7 +200,7 @@ class _SelectionWhoseFilesGdsCannotOpen:
     def __init__(self):
         self.staged = None
 
-    def start_gds(self, *args):
+    def start_gds(self, *args, **kwargs):
         raise fst.UnsupportedError("'/x.safetensors': the file system does not support O_DIRECT, which cuFile needs")
 
     def start_staged(self, *args, note="", sink=None):
@@ -209,7 +209,7 @@ class _SelectionWhoseFilesGdsCannotOpen:
 
 
 class _SelectionWhoseBulkBufferDoesNotFit(_SelectionWhoseFilesGdsCannotOpen):
-    def start_gds(self, *args):
+    def start_gds(self, *args, **kwargs):
         raise fst.CudaError("out of GPU memory on cuda:0: the load needs 536875008 bytes, 4096 are free")
 
 
@@ -361,6 +361,24 @@ def test_host_gds_converts_like_torch(floats, target, bulk_bytes):
         assert t.dtype == want.dtype, name
         assert raw_bytes(t) == raw_bytes(want), f"{name} -> {target}"
         assert t.data_ptr() % 256 == 0
+
+
+def test_loads_one_after_another_share_a_gds_device(tmp_path):
+    """The groups of a stream share one device: files stay open (registered), the bulk buffer
+    is allocated once while it is large enough, and the bytes are still exact."""
+    path = every_dtype(tmp_path / "m.safetensors", prefix=b"\x05")
+    ref = reference(path)
+    ckpt = fst.open_checkpoint(path)
+    device = fst._core.GdsDevice(-1)
+    groups = ckpt.select(None).split(3000)
+    assert len(groups) > 3
+    for group in groups:
+        loaded = group.start_gds(-1, 2, 256, 4096, 1 << 16, gds_device=device).wait()
+        got = get_adapter("torch").export(loaded, "cpu")
+        assert_same(got, {k: ref[k] for k in got})
+    assert device.bulk_allocations == 1
+    ckpt.select(None).start_gds(-1, 2, 256, 4096, 1 << 20, gds_device=device).wait()
+    assert device.bulk_allocations == 2  # a larger window: a larger buffer
 
 
 def test_host_gds_file_that_shrank_is_an_error_and_leaks_nothing(tmp_path):

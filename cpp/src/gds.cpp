@@ -22,6 +22,7 @@ namespace fst {
 namespace {
 
 constexpr std::uint64_t kPage = detail::kDirectAlign;
+constexpr std::uint64_t kBulkGranule = 8u << 20;  // bulk buffers are asked for in steps of this
 
 std::uint64_t align_down(std::uint64_t v, std::uint64_t a) noexcept { return v / a * a; }
 
@@ -113,7 +114,7 @@ GdsPlan plan_gds(const Checkpoint& ckpt, const std::vector<Pick>& sel, const std
 // ---------------------------------------------------------------- the load -------------
 
 GdsLoad::GdsLoad(std::shared_ptr<const Checkpoint> ckpt, std::vector<Pick> selection, const GdsOptions& options,
-                 std::unique_ptr<GdsDevice> device, const std::vector<Dtype>& targets)
+                 std::shared_ptr<GdsDevice> device, const std::vector<Dtype>& targets)
     : ckpt_(std::move(ckpt)), opt_(options), device_(std::move(device)) {
   started_ = detail::now_seconds();
   const auto& headers = ckpt_->files();
@@ -151,7 +152,9 @@ GdsLoad::GdsLoad(std::shared_ptr<const Checkpoint> ckpt, std::vector<Pick> selec
   }
   st.bytes_read = plan_.bytes_read;
   if (!plan_.windows.empty()) {
-    bulk_ = device_->bulk_buffer(plan_.bulk_bytes);
+    // Rounded up (within the configured size), so that the next loads of a stream, whose
+    // windows differ a little, find the buffer large enough and keep its registration.
+    bulk_ = device_->bulk_buffer(std::min(opt_.bulk_bytes, align_up(plan_.bulk_bytes, kBulkGranule)));
     device_->reserve_tasks(plan_.most_moves, plan_.most_converts);
   }
   st.reason = "GPU Direct Storage (" + device_->describe() + "): " + std::to_string(st.requests) +
@@ -220,7 +223,7 @@ void GdsLoad::place_window(std::size_t window) {
 LoadedTensors GdsLoad::wait(const std::function<bool()>& tick, int tick_ms) {
   group_.drive(tick, tick_ms);
   pool_.reset();
-  device_.reset();  // files, registrations and the bulk buffer; the tensors keep the arena
+  device_.reset();  // files, registrations, bulk buffer, unless the device serves more loads
   result_.stats.seconds = detail::now_seconds() - started_;
   return std::move(result_);
 }
@@ -252,6 +255,7 @@ class HostGdsDevice final : public GdsDevice {
  public:
   void open_file(std::uint32_t file, const std::string& path) override {
     if (files_.size() <= file) files_.resize(file + 1);
+    if (files_[file].valid() && files_[file].path() == path) return;
     int err = 0;
     files_[file] = detail::PosixFile::try_open(path, O_RDONLY | O_DIRECT, err);
     if (!files_[file].valid()) {
@@ -263,7 +267,11 @@ class HostGdsDevice final : public GdsDevice {
     return std::make_shared<HostArena>(bytes, kPage);
   }
   std::uint64_t bulk_buffer(std::uint64_t bytes) override {
-    bulk_ = std::make_unique<HostArena>(bytes, kPage);
+    if (!bulk_ || bulk_->size() < bytes) {
+      bulk_.reset();
+      bulk_ = std::make_unique<HostArena>(bytes, kPage);
+      ++bulk_allocations_;
+    }
     return reinterpret_cast<std::uintptr_t>(bulk_->data());
   }
   void reserve_tasks(std::size_t moves, std::size_t converts) override {
@@ -336,6 +344,6 @@ class HostGdsDevice final : public GdsDevice {
 
 }  // namespace
 
-std::unique_ptr<GdsDevice> make_host_gds_device() { return std::make_unique<HostGdsDevice>(); }
+std::shared_ptr<GdsDevice> make_host_gds_device() { return std::make_shared<HostGdsDevice>(); }
 
 }  // namespace fst

@@ -58,6 +58,6 @@ std::shared_ptr<StagingSink> make_cuda_sink(int device);
 // The GPU Direct Storage device of a GdsLoad (see gds.hpp) on CUDA device `device`: cuFile reads
 // into device memory, the embedded kernels align and convert. Throws UnsupportedError with the
 // reason when cuFile is unusable (see cufile_info) or fst was built without its kernels.
-std::unique_ptr<GdsDevice> make_cufile_device(int device, const std::string& bundled_library);
+std::shared_ptr<GdsDevice> make_cufile_device(int device, const std::string& bundled_library);
 
 }  // namespace fst

@@ -88,15 +88,20 @@ GdsPlan plan_gds(const Checkpoint& ckpt, const std::vector<Pick>& sel, const std
 
 // What a GdsLoad needs from the device. The cuFile implementation is make_cufile_device()
 // (fst/cuda.hpp); make_host_gds_device() runs the same steps on host memory.
+//
+// A device serves one load at a time, and may serve several one after another (the groups of a
+// streamed load): it keeps the files it opened, its bulk buffer (with its registration) and its
+// task lists, and hands them out again where they fit, so registration is paid once per stream.
 class GdsDevice {
  public:
   virtual ~GdsDevice() = default;
-  // Opens `path` for direct reads as file number `file`. Throws UnsupportedError naming the
-  // file and why when it cannot be read this way.
+  // Opens `path` for direct reads as file number `file` (kept when that number already names
+  // that path). Throws UnsupportedError naming the file and why when it cannot be read this way.
   virtual void open_file(std::uint32_t file, const std::string& path) = 0;
   // The destination arena (the memory the tensors keep alive).
   virtual std::shared_ptr<Buffer> allocate(std::uint64_t bytes) = 0;
-  // Allocates the bulk buffer (`bytes`, 4096-aligned) and returns its address.
+  // A bulk buffer of at least `bytes` (4096-aligned; the earlier one when large enough); its
+  // address.
   virtual std::uint64_t bulk_buffer(std::uint64_t bytes) = 0;
   // Room for up to `moves` move tasks and `converts` conversion tasks per launch.
   virtual void reserve_tasks(std::size_t moves, std::size_t converts) = 0;
@@ -115,6 +120,11 @@ class GdsDevice {
   virtual ExportDevice device() const { return ExportDevice{}; }
   // How reads reach the device, for the load stats ("nvidia-fs 2.17, bulk buffer registered").
   virtual std::string describe() const = 0;
+  // Bulk buffers allocated so far (one handed out again is not counted twice).
+  std::size_t bulk_allocations() const noexcept { return bulk_allocations_.load(); }
+
+ protected:
+  std::atomic<std::size_t> bulk_allocations_{0};
 };
 
 // A GPU Direct Storage load of `selection`. Runs on a thread pool; wait() drives it to the end.
@@ -122,7 +132,7 @@ class GdsLoad final : public AsyncLoad {
  public:
   // `targets` (empty: none): the dtype each pick is delivered in, converted on the device.
   GdsLoad(std::shared_ptr<const Checkpoint> ckpt, std::vector<Pick> selection, const GdsOptions& options,
-          std::unique_ptr<GdsDevice> device, const std::vector<Dtype>& targets = {});
+          std::shared_ptr<GdsDevice> device, const std::vector<Dtype>& targets = {});
   ~GdsLoad();
   GdsLoad(const GdsLoad&) = delete;
   GdsLoad& operator=(const GdsLoad&) = delete;
@@ -138,7 +148,7 @@ class GdsLoad final : public AsyncLoad {
 
   std::shared_ptr<const Checkpoint> ckpt_;
   GdsOptions opt_;
-  std::unique_ptr<GdsDevice> device_;
+  std::shared_ptr<GdsDevice> device_;
   LoadedTensors result_;
   GdsPlan plan_;
   std::uint64_t bulk_ = 0;  // the bulk buffer's address
@@ -155,6 +165,6 @@ class GdsLoad final : public AsyncLoad {
 // synchronize() (the latest a stream could run them). It checks the kernels' overlap contract,
 // reads that run past the bulk buffer, and reads into it while launches that read it are
 // still queued (std::logic_error for each: the plan or the load is wrong).
-std::unique_ptr<GdsDevice> make_host_gds_device();
+std::shared_ptr<GdsDevice> make_host_gds_device();
 
 }  // namespace fst

@@ -46,15 +46,22 @@ class CufileDevice final : public GdsDevice {
   void open_file(std::uint32_t file, const std::string& path) override {
     ScopedDevice scope(device_);
     if (files_.size() <= file) files_.resize(file + 1);
+    if (files_[file] && files_[file]->path() == path) return;  // registered by an earlier load
+    files_[file].reset();
     files_[file] = std::make_unique<cufile::RegisteredFile>(lib_, path);
   }
 
   std::shared_ptr<Buffer> allocate(std::uint64_t bytes) override { return make_device_arena(device_, bytes); }
 
   std::uint64_t bulk_buffer(std::uint64_t bytes) override {
+    if (bulk_memory_ && bulk_bytes_ >= bytes) return bulk_;  // registered already, if it could be
     ScopedDevice scope(device_);
+    registration_.reset();
+    bulk_memory_.reset();
     // One spare page so the buffer can start on a page boundary whatever cuMemAlloc returns.
     bulk_memory_ = make_device_arena(device_, bytes + detail::kDirectAlign);
+    bulk_bytes_ = bytes;
+    ++bulk_allocations_;
     bulk_ = align_up(reinterpret_cast<std::uintptr_t>(bulk_memory_->data()), detail::kDirectAlign);
     // Registered, reads DMA straight into it; unregistered (BAR1 space too small, say), cuFile
     // stages each read through its own buffers: slower, still correct.
@@ -68,8 +75,14 @@ class CufileDevice final : public GdsDevice {
   }
 
   void reserve_tasks(std::size_t moves, std::size_t converts) override {
-    moves_.emplace(device_, moves);
-    converts_.emplace(device_, converts);
+    if (!moves_ || moves_->capacity() < moves) {
+      moves_.reset();
+      moves_.emplace(device_, moves);
+    }
+    if (!converts_ || converts_->capacity() < converts) {
+      converts_.reset();
+      converts_.emplace(device_, converts);
+    }
   }
 
   std::uint64_t read(std::uint32_t file, std::uint64_t file_offset, std::uint64_t length,
@@ -118,6 +131,7 @@ class CufileDevice final : public GdsDevice {
   std::shared_ptr<Buffer> bulk_memory_;
   std::optional<cufile::RegisteredBuffer> registration_;
   std::uint64_t bulk_ = 0;
+  std::uint64_t bulk_bytes_ = 0;
   std::string registration_note_;
   std::optional<TaskList<kernels::MoveTask>> moves_;
   std::optional<TaskList<kernels::ConvertTask>> converts_;
@@ -126,13 +140,13 @@ class CufileDevice final : public GdsDevice {
 
 }  // namespace
 
-std::unique_ptr<GdsDevice> make_cufile_device(int device, const std::string& bundled_library) {
+std::shared_ptr<GdsDevice> make_cufile_device(int device, const std::string& bundled_library) {
   const CufileInfo info = cufile_info(bundled_library);
   if (!info.available) throw UnsupportedError("GPU Direct Storage is not usable here: " + info.reason);
   if (kernels::kFatbinCount == 0)
     throw UnsupportedError("GPU Direct Storage needs fst's CUDA kernels (to align tensors after the bulk "
                            "reads), and this build has none (FST_CUDA=OFF or no nvcc)");
-  return std::make_unique<CufileDevice>(device, cufile::Library::get(bundled_library));
+  return std::make_shared<CufileDevice>(device, cufile::Library::get(bundled_library));
 }
 
 }  // namespace fst

@@ -57,8 +57,8 @@ def start_load(adapter: Adapter, selection: _core.Selection, device: Any, backen
     staging pipeline, with the reason GDS was not used in the load's stats.
 
     `sinks` (a dict the caller keeps across loads run one after another, such as the groups of
-    a stream) holds the staging memory of each device, so its pinned buffers are allocated
-    once instead of once per load."""
+    a stream) holds each device's staging memory and GDS state, so pinned buffers, registered
+    files and the registered bulk buffer are set up once instead of once per load."""
     index = adapter.cuda_index(device)
     if index is None:
         return selection.start(backend, threads, adapter.alignment, adapter.view_alignment, True)
@@ -72,6 +72,11 @@ def start_load(adapter: Adapter, selection: _core.Selection, device: Any, backen
         use_gds, note = gds_choice() if backend == "auto" else (True, "")
         if use_gds:
             try:
+                gds_device = None
+                if sinks is not None:
+                    gds_device = sinks.get(("gds", index))
+                    if gds_device is None:
+                        gds_device = sinks[("gds", index)] = _core.GdsDevice(index, bundled_cufile())
                 return selection.start_gds(
                     index,
                     threads,
@@ -79,6 +84,7 @@ def start_load(adapter: Adapter, selection: _core.Selection, device: Any, backen
                     request_bytes,
                     int(os.environ.get("FST_GDS_BUFFER", 512 << 20)),
                     bundled_cufile(),
+                    gds_device=gds_device,
                 )
             except (UnsupportedError, CudaError) as exc:
                 if backend == "gds":
