@@ -81,7 +81,9 @@ stage), ``steps``, ``collectives``, ``rank`` and ``world_size``.
 Devices: CPU targets need a group that moves CPU tensors (gloo). For a CUDA target with a NCCL
 group (each rank's device set with ``torch.cuda.set_device``) the step buffers live on the
 device and the collectives move device tensors; with a gloo group the collectives run on the
-CPU and the tensors are copied to the device as they finish.
+CPU and the tensors are copied to the device as they finish. Reads into GPU memory take fst's
+GPU path (pinned staging buffers, or GDS), never pageable host memory: a rank's own rows go
+straight to its device, and with NCCL so do the rows it reads for the others.
 
 ``process_group=None`` means the default group when torch.distributed is initialised: every
 load in such a script is collective, and one called on a single rank waits for the others
@@ -104,6 +106,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 from . import _core
 from ._api import DEFAULT_BUDGET, _record, open_checkpoint
 from ._progress import make_progress
+from .adapters import get_adapter, start_load
 from .errors import FstError, UnsupportedError
 
 _ALIGN = 64          # offset of every tensor in a step buffer
@@ -711,18 +714,20 @@ class _Run:
                 own_rows.append((t.name, lo, hi - lo) if t.rows > 1 else (t.name, 0, _ALL_ROWS))
         mine = [p for p in step.shared if p.reader == me]
         stage_rows = [(p.t.name, 0, _ALL_ROWS) if p.whole else (p.t.name, p.lo, p.hi - p.lo) for p in mine]
-        own = self._start(own_rows)
-        stage = self._start(stage_rows)
+        own = self._start(own_rows, self.target)    # this rank's rows: where they stay
+        stage = self._start(stage_rows, self.cdev)  # rows for others: where collectives send from
         staged = sum(p.nbytes for p in mine)
         self._hold(staged)
         return own, stage, mine, staged
 
-    def _start(self, rows: list):
+    def _start(self, rows: list, device):
+        """Start reading `rows` into `device`'s memory: a GPU's through the pinned staging
+        pipeline (or GDS), never through pageable host memory."""
         if not rows:
             return None
         sel = self.ckpt.select_rows(rows)
         self.stats["bytes_read"] += sel.nbytes
-        return sel.start(self.backend, self.threads, _ALIGN, 0, True)
+        return start_load(get_adapter("torch"), sel, device, self.backend, self.threads)
 
     def _wait(self, pending) -> list:
         if pending is None:
