@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <optional>
 #include <unordered_map>
@@ -142,11 +143,16 @@ ExportItem as_bytes(ExportItem item) {
   if (item.shape.empty()) {
     item.shape.push_back(static_cast<std::int64_t>(bits / 8));  // a 0-d tensor: its bytes
   } else {
+    // In 128 bits: an empty tensor may have a last dimension near 2^63 (the format only bounds
+    // the product of the dimensions).
     std::int64_t& last = item.shape.back();
-    if ((last * static_cast<std::int64_t>(bits)) % 8 != 0)
+    const unsigned __int128 last_bits = static_cast<unsigned __int128>(last) * bits;
+    if (last_bits % 8 != 0)
       throw UnsupportedError(std::string(dtype_name(item.dtype)) +
                              " tensor whose last dimension does not fill whole bytes cannot be exported");
-    last = last * bits / 8;
+    if (last_bits / 8 > static_cast<unsigned __int128>(INT64_MAX))
+      throw UnsupportedError(std::string(dtype_name(item.dtype)) + " tensor's last dimension is too large in bytes");
+    last = static_cast<std::int64_t>(last_bits / 8);
   }
   item.dtype = Dtype::U8;
   return item;
@@ -166,7 +172,13 @@ py::object numpy_array(const ExportItem& item, const py::list& dtypes, py::handl
     throw UnsupportedError("tensor '" + name + "': " + std::string(dtype_name(item.dtype)) +
                            " has no numpy dtype (use framework='torch')");
   std::vector<py::ssize_t> shape(item.shape.begin(), item.shape.end());
-  return py::array(py::dtype::from_args(dt), shape, item.data, base);
+  // Row-major strides, computed here rather than by pybind11: an empty tensor may have other
+  // dimensions so large that their product overflows, and any strides serve an empty array.
+  py::dtype dtype = py::dtype::from_args(dt);
+  std::vector<py::ssize_t> strides(shape.size(), dtype.itemsize());
+  if (std::find(shape.begin(), shape.end(), 0) == shape.end())
+    for (std::size_t i = shape.size(); i-- > 1;) strides[i - 1] = strides[i] * shape[i];
+  return py::array(dtype, shape, strides, item.data, base);
 }
 
 // ---------------------------------------------------------------- objects --------------

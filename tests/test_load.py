@@ -331,3 +331,33 @@ def test_dimension_beyond_int64_is_a_clear_error(tmp_path):
     for framework in ("numpy", "torch"):
         with pytest.raises(fst.UnsupportedError, match="dimension 9223372036854775808"):
             fst.load(path, framework=framework)
+
+
+def test_empty_tensors_with_huge_dimensions(tmp_path):
+    """The format bounds only the product of the dimensions: an empty tensor may have another
+    dimension near 2^63. Its strides must not overflow (a sanitizer build caught pybind11's)."""
+    import json
+    import struct
+
+    import torch
+    from safetensors import safe_open
+
+    header = {"big": {"dtype": "F64", "shape": [0, 2**62], "data_offsets": [0, 0]},
+              "wide": {"dtype": "U8", "shape": [0, 2**60], "data_offsets": [0, 0]},
+              "f4": {"dtype": "F4", "shape": [2**62, 0, 2**61], "data_offsets": [0, 0]},
+              "x": {"dtype": "U8", "shape": [3], "data_offsets": [0, 3]}}
+    text = json.dumps(header).encode()
+    path = tmp_path / "huge.safetensors"
+    path.write_bytes(struct.pack("<Q", len(text)) + text + b"abc")
+    with safe_open(str(path), "np") as f:
+        want = f.get_tensor("wide")
+        with pytest.raises(ValueError, match="too big"):  # numpy cannot hold it
+            f.get_tensor("big")
+    got = fst.load(path, framework="numpy", keys=["wide", "x"])
+    assert got["wide"].shape == want.shape == (0, 2**60) and got["wide"].dtype == want.dtype
+    assert bytes(got["x"]) == b"abc"
+    with pytest.raises(ValueError, match="too big"):  # the same refusal as the reference's
+        fst.load(path, framework="numpy", keys=["big"])
+    t = fst.load(path, framework="torch")
+    assert tuple(t["big"].shape) == (0, 2**62) and t["big"].numel() == 0
+    assert tuple(t["f4"].shape) == (2**62, 0, 2**60) and t["f4"].dtype == torch.float4_e2m1fn_x2
