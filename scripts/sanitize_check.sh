@@ -17,8 +17,18 @@ FST_CUDA=${FST_CUDA:-AUTO} "$py" -m pip install -q --no-deps --no-build-isolatio
   -Ccmake.define.CMAKE_BUILD_TYPE=RelWithDebInfo
 cc=${CC:-gcc}
 preload="$($cc -print-file-name=libasan.so):$($cc -print-file-name=libubsan.so)"
+# Reports go to files (pytest captures stderr, and a sanitizer that stops the process takes
+# the captured output with it), printed at the end.
+report="$PWD/build/sanitize/report"
+rm -f "$report".*
 # Leak checking is off (the interpreter itself keeps memory at exit), and the test that bounds
 # memory growth over hundreds of loads is left out: the quarantine holds freed memory on purpose.
-LD_PRELOAD=$preload ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 \
-  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 FST_FUZZ_EXAMPLES=$examples \
-  "$py" -m pytest -q -p no:cacheprovider tests -k "not test_200_loads_leak_nothing"
+status=0
+LD_PRELOAD=$preload ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:log_path=$report \
+  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:log_path=$report FST_FUZZ_EXAMPLES=$examples \
+  "$py" -m pytest -q -p no:cacheprovider tests -k "not test_200_loads_leak_nothing" || status=$?
+if compgen -G "$report.*" > /dev/null; then
+  cat "$report".*
+  status=1
+fi
+exit $status
