@@ -144,11 +144,8 @@ void launch_and_wait(int device, const char* image, const char* name, const std:
   ScopedDevice scope(device);
   const BatchKernel& kernel = batch_kernel(device, image, name);
   if (tasks.empty()) return;
-  // The task list lives in device memory until the launches using it have finished.
-  const std::size_t list_bytes = tasks.size() * sizeof(Task);
-  std::shared_ptr<Buffer> list = make_device_arena(device, list_bytes);
-  const auto list_address = static_cast<CUdeviceptr>(reinterpret_cast<std::uintptr_t>(list->data()));
-  check(d.cuMemcpyHtoDAsync(list_address, tasks.data(), list_bytes, nullptr), "cuMemcpyHtoDAsync (task list)");
+  TaskList<Task> list(device, tasks.size());  // lives until the launches using it have finished
+  const CUdeviceptr list_address = list.upload(tasks, nullptr);
   const std::string what = std::string("cuLaunchKernel (") + name + ")";
   for (unsigned i = 0; i < repeats; ++i)
     launch_batch(kernel, list_address, static_cast<std::uint32_t>(tasks.size()), bytes, nullptr, what.c_str());

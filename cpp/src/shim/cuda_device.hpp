@@ -14,6 +14,11 @@
 
 namespace fst::cuda {
 
+// The device address of device memory that a Buffer holds.
+inline CUdeviceptr device_address(const Buffer& b) noexcept {
+  return static_cast<CUdeviceptr>(reinterpret_cast<std::uintptr_t>(b.data()));
+}
+
 // One cuMemAlloc'ed block in the primary context of `device`, freed when its last reference
 // goes. Running out of memory is a CudaError naming the bytes needed and free.
 std::shared_ptr<Buffer> make_device_arena(int device, std::uint64_t bytes);
@@ -77,7 +82,7 @@ class TaskList {
   CUdeviceptr upload(const std::vector<Task>& tasks, CUstream stream) {
     if (tasks.size() > most_) throw std::logic_error("more kernel tasks than reserved");
     std::memcpy(host_.data(), tasks.data(), tasks.size() * sizeof(Task));
-    const auto address = static_cast<CUdeviceptr>(reinterpret_cast<std::uintptr_t>(device_->data()));
+    const CUdeviceptr address = device_address(*device_);
     check(Driver::get().cuMemcpyHtoDAsync(address, host_.data(), tasks.size() * sizeof(Task), stream),
           "cuMemcpyHtoDAsync (task list)");
     return address;

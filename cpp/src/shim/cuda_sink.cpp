@@ -21,8 +21,6 @@ namespace {
 
 using namespace cuda;
 
-CUdeviceptr address(const Buffer& b) { return static_cast<CUdeviceptr>(reinterpret_cast<std::uintptr_t>(b.data())); }
-
 class CudaSink final : public StagingSink {
  public:
   explicit CudaSink(int device) : device_(device) {
@@ -60,7 +58,7 @@ class CudaSink final : public StagingSink {
       l.scratch.reset();
       l.scratch = make_device_arena(device_, bytes);
     }
-    return address(*l.scratch);
+    return device_address(*l.scratch);
   }
 
   bool converts() const override { return convert_kernel_ != nullptr; }
