@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "fst/buffer.hpp"
+#include "fst/file_handle.hpp"
 #include "fst/plan.hpp"
 #include "fst/reader.hpp"
 #include "fst/thread_pool.hpp"
@@ -95,9 +96,10 @@ GdsPlan plan_gds(const Checkpoint& ckpt, const std::vector<Pick>& sel, const std
 class GdsDevice {
  public:
   virtual ~GdsDevice() = default;
-  // Opens `path` for direct reads as file number `file` (kept when that number already names
-  // that path). Throws UnsupportedError naming the file and why when it cannot be read this way.
-  virtual void open_file(std::uint32_t file, const std::string& path) = 0;
+  // Opens the file `source` holds for direct reads, as file number `file` (reopened from that
+  // descriptor, never from its path; kept when that number already names that very
+  // descriptor). Throws UnsupportedError naming the file and why when it cannot be read so.
+  virtual void open_file(std::uint32_t file, std::shared_ptr<const FileHandle> source) = 0;
   // The destination arena (the memory the tensors keep alive).
   virtual std::shared_ptr<Buffer> allocate(std::uint64_t bytes) = 0;
   // A bulk buffer of at least `bytes` (4096-aligned; the earlier one when large enough); its

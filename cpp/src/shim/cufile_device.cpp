@@ -43,12 +43,13 @@ class CufileDevice final : public GdsDevice {
     files_.clear();
   }
 
-  void open_file(std::uint32_t file, const std::string& path) override {
+  void open_file(std::uint32_t file, std::shared_ptr<const FileHandle> source) override {
     ScopedDevice scope(device_);
     if (files_.size() <= file) files_.resize(file + 1);
-    if (files_[file] && files_[file]->path() == path) return;  // registered by an earlier load
+    // Registered by an earlier group of the same stream: the very descriptor it parsed.
+    if (files_[file] && &files_[file]->source() == source.get()) return;
     files_[file].reset();
-    files_[file] = std::make_unique<cufile::RegisteredFile>(lib_, path);
+    files_[file] = std::make_unique<cufile::RegisteredFile>(lib_, std::move(source));
   }
 
   std::shared_ptr<Buffer> allocate(std::uint64_t bytes) override { return make_device_arena(device_, bytes); }
