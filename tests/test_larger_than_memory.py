@@ -83,3 +83,24 @@ def test_hole_is_served_as_a_view(huge):
     assert r.returncode == 0, r.stderr[-2000:]
     a, b, n = r.stdout.split()
     assert bytes.fromhex(a) == small["a"] and bytes.fromhex(b) == small["b"] and int(n) > memory_bytes()
+
+
+def test_a_refused_mapping_falls_back_to_reading(huge):
+    # Strict overcommit refuses a private mapping larger than the commit limit; an address-space
+    # limit makes the kernel refuse it here the same way (ENOMEM). 'a' and 'b' span the hole, so
+    # their one mapping fails: they must be read instead, by load and by safe_open.
+    path, small = huge
+    code = textwrap.dedent(f"""
+        import resource, fst
+        vm = int(next(l for l in open("/proc/self/status") if l.startswith("VmSize")).split()[1]) * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (vm + (4 << 30), resource.RLIM_INFINITY))
+        out = fst.load({str(path)!r}, keys=["a", "b"], backend="mmap", threads=1)
+        read = fst.last_load_stats()["bytes_read"]  # 0 when both were views
+        with fst.safe_open({str(path)!r}, "np", backend="mmap") as f:
+            print(bytes(out["a"]).hex(), bytes(out["b"]).hex(), bytes(f.get_tensor("b")).hex(), read)
+        """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b, b2, read = r.stdout.split()
+    assert int(read) == 128
+    assert bytes.fromhex(a) == small["a"] and bytes.fromhex(b) == small["b"] == bytes.fromhex(b2)
