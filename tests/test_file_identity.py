@@ -182,3 +182,25 @@ def test_checkpoint_holds_one_descriptor_per_file(tmp_path):
     assert len(os.listdir("/proc/self/fd")) == fds + 5
     del ckpt
     assert len(os.listdir("/proc/self/fd")) == fds
+
+
+def test_more_files_than_the_descriptor_limit(tmp_path):
+    # A checkpoint holds one descriptor per file: past the soft limit fst raises it to the hard
+    # one; past the hard one the open fails with EMFILE, naming the file, and leaks nothing.
+    files = [write(tmp_path / f"m{i:03}.safetensors", [(f"t{i}", "U8", [4])], seed=i) for i in range(150)]
+    code = textwrap.dedent(f"""
+        import errno, os, resource, fst
+        files = {[str(f) for f in files]!r}
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 1024))
+        print("raised", len(fst.load(files)), resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        resource.setrlimit(resource.RLIMIT_NOFILE, (100, 100))
+        before = len(os.listdir("/proc/self/fd"))
+        try:
+            fst.load(files)
+        except OSError as exc:
+            print("refused", exc.errno == errno.EMFILE, "RLIMIT_NOFILE is 100" in str(exc), exc.filename in files)
+        print("leaked", len(os.listdir("/proc/self/fd")) - before)
+        """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split("\n")[:3] == ["raised 150 1024", "refused True True True", "leaked 0"], r.stdout
