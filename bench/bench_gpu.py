@@ -686,7 +686,9 @@ def cmd_load(args) -> int:
             save()
     save()
     print(markdown(result))
-    return 0
+    # fst's rows and the limits must stand; another loader failing is its own affair (reported).
+    ours = [r for r in result["rows"] if r["loader"].startswith(("fst", "limit"))]
+    return 0 if ours and all(r.get("status") == "ok" for r in ours) else 1
 
 
 LIMIT_NOTES = {
@@ -778,6 +780,8 @@ def write_smoke_checkpoint(folder: Path, mib: int) -> list[str]:
 
 
 def cmd_smoke(args) -> int:
+    # F64 and I64 tensors stay 64-bit in JAX only with x64 on (read when JAX is imported).
+    os.environ.setdefault("JAX_ENABLE_X64", "1")
     import numpy as np
     import torch
     from safetensors.torch import load_file
