@@ -168,7 +168,8 @@ do_build() {
   if [ "$rebuild" = 0 ] && [ -f "$site/.fst-digest" ] && [ "$(cat "$site/.fst-digest")" = "$digest" ] \
      && $py -c "import fst, sys; sys.exit(0 if fst._core.HAVE_KERNELS else 1)" 2>/dev/null; then
     echo "fst of this tree ($digest) is already built with its kernels in $site: build skipped"
-    return 0
+    check_import
+    return
   fi
   rm -rf "$site"
   # The kernels for the H200 alone, nvcc compiling its parts on all cores: the rest of the
@@ -179,7 +180,18 @@ do_build() {
     "-Ccmake.define.FST_NVCC_FLAGS=--threads 0" \
     -Cbuild-dir=build/gpu-check-build . || return 1
   echo "$digest" > "$site/.fst-digest"
-  $py -c "import fst; print(fst.__file__, 'kernels:', fst._core.HAVE_KERNELS)"
+  check_import
+}
+
+# The later steps must test this build: an fst installed elsewhere that wins over PYTHONPATH
+# (an editable install's import hook does) would make them test another.
+check_import() {
+  $py -c "
+import sys, fst
+print(fst.__file__, 'kernels:', fst._core.HAVE_KERNELS)
+if not fst.__file__.startswith('$site/'):
+    sys.exit('fst imports from ' + fst.__file__ + ', not from $site: another installation shadows this build')
+"
 }
 
 do_tests() {
@@ -200,7 +212,7 @@ do_kernels() {
 
 for s in "${selected[@]}"; do
   case $s in
-    build) export -f do_build source_digest; export py site rebuild
+    build) export -f do_build source_digest check_import; export py site rebuild
            run_step build bash -c do_build ;;
     smoke) run_step smoke "$py" bench/bench_gpu.py smoke --device "$device" --out "$work" ;;
     bench)
@@ -269,7 +281,7 @@ if "bench" in names:
 if "tests" in names:
     t = log("tests")
     summary["tests"] = {
-        "o_direct_folder": re.findall(r"^O_DIRECT folder: (.*)$", t, re.M),
+        "o_direct_folder": sorted(set(re.findall(r"^O_DIRECT folder: (.*)$", t, re.M))),
         "results": re.findall(r"^=+ (.*\b(?:passed|failed|error|errors|skipped|deselected|no tests ran)\b.*) =+$", t, re.M),
         "failed": re.findall(r"^(?:FAILED|ERROR) (\S+)", t, re.M)[:40],
         "skipped": re.findall(r"^SKIPPED (.*)$", t, re.M)[:40],
@@ -285,7 +297,7 @@ if "kernels" in names:
     if casts:
         summary["kernels"]["torch_cuda_casts_vs_cpu"] = {
             "torch": casts["torch"], "pairs_checked": casts["pairs_checked"], "pairs_agree": casts["pairs_agree"],
-            "values_disagree": casts["values_disagree"],
+            "values_disagree": casts["values_disagree"], "pairs_failed": casts.get("pairs_failed", []),
             "disagreeing_pairs": [p for p in casts["pairs"] if p["disagree"]]}
 
 (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
@@ -297,6 +309,8 @@ text += [l for l in summary["machine"] if l.startswith(("gpu:", "torch:", "cpus:
 text.append("")
 for s in steps:
     text.append(f"  {s['step']:<8} {s['status']:<12} {s['seconds']:>4} s (timeout {s['timeout']} s)")
+    if s["status"] != "ok":  # the end of its log says why
+        text += [f"    | {l[:160]}" for l in log(s["step"]).strip().splitlines()[-3:]]
 if summary.get("build"):
     text.append(f"build: kernels {summary['build']['kernels']}" + (" (existing build)" if summary["build"]["skipped"] else ""))
 sm = summary.get("smoke")
@@ -328,14 +342,18 @@ if ts:
     text += [f"  SKIPPED {s[:150]}" for s in ts["skipped"][:10]]
 kn = summary.get("kernels")
 if kn:
-    text.append(f"kernels ({kn['gpu']}): traffic GB/s, share of a device copy")
+    text.append(f"kernels ({kn['gpu']}): traffic GB/s, share of a device copy (target: fst >= 0.80)")
     for r in kn["convert"]:
         if not r["what"].startswith("copy"):
-            text.append(f"  {r['what']:<26} {r['traffic_GBps']:8.1f}  {r['vs_copy']:.2f}")
+            low = r["what"].startswith("fst") and r["vs_copy"] < 0.8
+            text.append(f"  {r['what']:<26} {r['traffic_GBps']:8.1f}  {r['vs_copy']:.2f}" + ("  below target" if low else ""))
     c = kn.get("torch_cuda_casts_vs_cpu")
     if c:
         text.append(f"  torch {c['torch']} CUDA .to() vs CPU .to(): {c['pairs_agree']} of {c['pairs_checked']} pairs agree, "
-                    f"{c['values_disagree']} values differ")
+                    f"{c['values_disagree']} values differ" + (f"; {len(c['pairs_failed'])} pairs failed" if c["pairs_failed"] else ""))
+        if c["pairs_failed"]:
+            first = next(p for p in casts["pairs"] if p["disagree"] is None)
+            text.append(f"    e.g. {first['src']} -> {first['dst']}: {first['error'][:150]}")
         for p in c["disagreeing_pairs"]:
             text.append(f"    {p['src']} -> {p['dst']}: {p['disagree']} differ ({p['disagree_nan_payload_only']} NaN payloads only), "
                         f"e.g. {p.get('examples', [])[:2]}")
