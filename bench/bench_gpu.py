@@ -119,11 +119,16 @@ def _st_flax(files, device):
     from safetensors.flax import load_file
 
     out = {}
+    dev = jax_device(device)
     # safetensors.flax puts arrays on JAX's default device; name it so that the arrays land
-    # where the other loaders put theirs.
-    with jax.default_device(jax_device(device)):
+    # where the other loaders put theirs (a JAX without that context manager: moved after).
+    if hasattr(jax, "default_device"):
+        with jax.default_device(dev):
+            for f in files:
+                out.update(load_file(f))
+    else:
         for f in files:
-            out.update(load_file(f))
+            out.update({k: jax.device_put(v, dev) for k, v in load_file(f).items()})
     return out, None
 
 
@@ -802,6 +807,25 @@ def write_smoke_checkpoint(folder: Path, mib: int) -> list[str]:
     return files
 
 
+def runtime_info_within(seconds: float) -> Any:
+    """fst.runtime_info(), which opens the cuFile driver; where that open hangs, say so and go
+    on (a daemon thread does not hold the process at exit)."""
+    import fst
+
+    box: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            box["info"] = fst.runtime_info()
+        except Exception as exc:
+            box["info"] = f"failed: {type(exc).__name__}: {exc}"
+
+    t = threading.Thread(target=call, daemon=True)
+    t.start()
+    t.join(seconds)
+    return json.loads(json.dumps(box["info"], default=str)) if "info" in box else f"did not return in {seconds:.0f} s"
+
+
 def cmd_smoke(args) -> int:
     # F64 and I64 tensors stay 64-bit in JAX only with x64 on (read when JAX is imported).
     os.environ.setdefault("JAX_ENABLE_X64", "1")
@@ -868,6 +892,7 @@ def cmd_smoke(args) -> int:
             return ",".join(sorted(str(d) for d in a.devices()))
 
         check("fst.load jax", lambda: fst.load(files, framework="jax", device=args.device), jax_bytes, jax_where)
+    report["runtime_info"] = runtime_info_within(10.0)
     report["ok"] = ok
     (out / "smoke.json").write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report))

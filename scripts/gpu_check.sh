@@ -13,7 +13,7 @@
 #   usage: bash scripts/gpu_check.sh [--only build,smoke,bench,tests,kernels] [--out DIR]
 #                                    [--wheels DIR] [--size 6GiB] [--total SECONDS] [--rebuild]
 #
-# Every step runs under `timeout`, each sized from what is left of --total (default 290 s), so
+# Every step runs under `timeout`, each sized from what is left of --total (default 300 s), so
 # that a hung step cannot take the later ones' time; pytest runs with --timeout. Results go to
 # --out (default $OUT, else ./gpu_out), at most 5 files: summary.json, summary.txt, log.txt (every
 # step's output), bench_gpu.json and bench_gpu.md. The summary is printed last, with the command
@@ -22,7 +22,7 @@
 # Environment: PYTHON (default python3); FST_CUDA (default ON: the build fails without nvcc);
 # FST_CUDA_ARCHS (default 90); FST_BUILD_TIMEOUT (default 150 s); FST_GPU_DEVICE (default
 # cuda:0; cpu runs every step on the host, to try the script out without a GPU);
-# FST_CONVERT_MIB (default 512); FST_GPU_WHEELS (the anchors' wheels, default gpu_wheels/ when
+# FST_CONVERT_MIB (default 256); FST_GPU_WHEELS (the anchors' wheels, default gpu_wheels/ when
 # it exists).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
@@ -34,7 +34,7 @@ only=""
 out=${OUT:-gpu_out}
 wheels=${FST_GPU_WHEELS:-}
 size=6GiB
-total=290
+total=300
 rebuild=0
 args_seen=()
 while [ $# -gt 0 ]; do
@@ -86,7 +86,7 @@ export PYTHONUNBUFFERED=1
 # Seconds each step may take at most, and the least each needs to be worth starting. A step's
 # timeout is its cap, cut so that the selected steps after it keep their minimum of --total.
 declare -A cap=([build]=${FST_BUILD_TIMEOUT:-150} [smoke]=45 [bench]=150 [tests]=120 [kernels]=75)
-declare -A least=([build]=60 [smoke]=15 [bench]=40 [tests]=40 [kernels]=25)
+declare -A least=([build]=60 [smoke]=15 [bench]=45 [tests]=60 [kernels]=30)
 
 step_timeout() {  # step_timeout NAME -> seconds (0: not enough time left)
   local name=$1 after=0 seen=0 s
@@ -204,8 +204,8 @@ do_tests() {
 
 do_kernels() {
   local rc=0
-  # 512 MiB per conversion: far past the GPU's caches, and quick to generate on the host.
-  $py bench/bench_convert.py --device "$device" --mib "${FST_CONVERT_MIB:-512}" --repeats 5 || rc=1
+  # 256 MiB per conversion: far past the GPU's caches, and quick to generate on the host.
+  $py bench/bench_convert.py --device "$device" --mib "${FST_CONVERT_MIB:-256}" --repeats 5 || rc=1
   $py bench/bench_gpu.py casts --device "$device" --out "$work" || rc=1
   return $rc
 }
@@ -314,6 +314,13 @@ for s in steps:
 if summary.get("build"):
     text.append(f"build: kernels {summary['build']['kernels']}" + (" (existing build)" if summary["build"]["skipped"] else ""))
 sm = summary.get("smoke")
+if sm and sm.get("runtime_info"):
+    ri = sm["runtime_info"]
+    if isinstance(ri, dict):
+        gb = ri.get("gpu_backend") or {}
+        text.append(f"fst runtime: GPU loads use {gb.get('backend')} ({gb.get('reason')})"[:300])
+    else:
+        text.append(f"fst runtime_info: {ri}"[:300])
 if sm:
     text.append("smoke: " + ", ".join(f"{c['what']} {'ok' if c['ok'] else 'FAILED'}"
                                       + (f" [{c.get('backend')}]" if c.get("backend") else "") for c in sm["checks"]))
