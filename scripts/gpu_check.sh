@@ -341,7 +341,8 @@ if bn:
     for s in bn["skipped"]:
         text.append(f"  {s['loader']:<24} skipped: {s['reason'][:120]}")
     if bn.get("cold"):
-        text.append(f"  cold: {'measured' if bn['cold']['works'] else 'not measured'} ({bn['cold']['how']})")
+        text.append(f"  cold: {'measured' if bn['cold']['works'] else 'not measured'} ({bn['cold']['how']})"
+                    + (f"; doubt: {bn['cold']['doubt']}" if bn["cold"].get("doubt") else ""))
 ts = summary.get("tests")
 if ts:
     text.append("tests: " + " | ".join(ts["results"]) + (f"; O_DIRECT folder: {'; '.join(ts['o_direct_folder'])}" if ts["o_direct_folder"] else ""))
