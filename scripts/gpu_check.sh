@@ -22,8 +22,18 @@
 # Environment: PYTHON (default python3); FST_CUDA (default ON: the build fails without nvcc);
 # FST_CUDA_ARCHS (default 90); FST_BUILD_TIMEOUT (default 150 s); FST_GPU_DEVICE (default
 # cuda:0; cpu runs every step on the host, to try the script out without a GPU);
-# FST_CONVERT_MIB (default 256); FST_GPU_WHEELS (the anchors' wheels, default gpu_wheels/ when
-# it exists).
+# FST_CONVERT_MIB (default 256); FST_GPU_WHEELS (= --wheels, default gpu_wheels/ when it
+# exists).
+#
+# --wheels DIR holds cp312 wheels the machine lacks: the anchors (instanttensor, fastsafetensors,
+# runai-model-streamer and humanize, kvikio-cu13 with libkvikio-cu13 and rapids-logger) and what
+# some test modules import (psutil, hypothesis, attrs, sortedcontainers). Fetched beforehand on
+# a machine with a registry, one package at a time so that one without a fitting wheel does
+# not stop the others:
+#   for p in instanttensor fastsafetensors runai-model-streamer humanize kvikio-cu13 \
+#            libkvikio-cu13 rapids-logger psutil hypothesis attrs sortedcontainers; do
+#     pip download --only-binary=:all: --no-deps --python-version 3.12 -d gpu_wheels \
+#       --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 "$p"; done
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 repo=$PWD
@@ -195,10 +205,23 @@ if not fst.__file__.startswith('$site/'):
 }
 
 do_tests() {
-  local rc=0
-  # The header names the O_DIRECT folder the GDS tests used; -rs lists every skip's reason.
-  $py -m pytest -m gpu tests -p no:cacheprovider --timeout 60 -rs || rc=1
-  $py -m pytest tests/test_gds.py -p no:cacheprovider --timeout 60 -rs || rc=1
+  local rc=0 deps=$repo/build/gpu-testdeps w
+  # Some test modules import hypothesis or psutil, which the GPU machine may lack: their wheels
+  # come in the --wheels folder and go into a folder of their own for this step.
+  if ! $py -c "import hypothesis, psutil" 2>/dev/null && [ -n "$wheels" ]; then
+    for w in psutil hypothesis attrs sortedcontainers; do
+      $py -m pip install -q --no-index --no-deps --find-links "$wheels" --target "$deps" "$w" \
+        || echo "no installable $w wheel in $wheels"
+    done
+    export PYTHONPATH=$deps:$PYTHONPATH
+  fi
+  $py -c "import hypothesis, psutil" 2>/dev/null \
+    || echo "hypothesis or psutil missing: the test modules that import them cannot load (bring their wheels with --wheels)"
+  # The header names the O_DIRECT folder the GDS tests used; -rfEs lists every failure, error
+  # and skip with its reason. A module that cannot load fails the step but does not keep the
+  # other modules' tests from running.
+  $py -m pytest -m gpu tests -p no:cacheprovider --timeout 60 -rfEs --continue-on-collection-errors || rc=1
+  $py -m pytest tests/test_gds.py -p no:cacheprovider --timeout 60 -rfEs || rc=1
   return $rc
 }
 
@@ -221,7 +244,7 @@ for s in "${selected[@]}"; do
       # written instead of being cut off by the step's timeout.
       run_step bench "$py" bench/bench_gpu.py load --device "$device" --size "$size" --files 3 \
         ${wheels:+--wheels "$wheels"} --deadline $((t > 15 ? t - 10 : 5)) --out "$out" ;;
-    tests) export -f do_tests; export py; run_step tests bash -c do_tests ;;
+    tests) export -f do_tests; export py repo wheels; run_step tests bash -c do_tests ;;
     kernels) export -f do_kernels; export py device work; run_step kernels bash -c do_kernels ;;
   esac
 done
@@ -283,7 +306,9 @@ if "tests" in names:
     summary["tests"] = {
         "o_direct_folder": sorted(set(re.findall(r"^O_DIRECT folder: (.*)$", t, re.M))),
         "results": re.findall(r"^=+ (.*\b(?:passed|failed|error|errors|skipped|deselected|no tests ran)\b.*) =+$", t, re.M),
-        "failed": re.findall(r"^(?:FAILED|ERROR) (\S+)", t, re.M)[:40],
+        "failed": (re.findall(r"^(?:FAILED|ERROR) (\S+)", t, re.M)
+                   or re.findall(r"^_+ ERROR collecting (\S+) _+$", t, re.M))[:40],
+        "notes": re.findall(r"^(hypothesis or psutil missing.*|no installable .*)$", t, re.M),
         "skipped": re.findall(r"^SKIPPED (.*)$", t, re.M)[:40],
     }
 if "kernels" in names:
@@ -346,6 +371,7 @@ if bn:
 ts = summary.get("tests")
 if ts:
     text.append("tests: " + " | ".join(ts["results"]) + (f"; O_DIRECT folder: {'; '.join(ts['o_direct_folder'])}" if ts["o_direct_folder"] else ""))
+    text += [f"  {n}" for n in ts["notes"]]
     text += [f"  FAILED {f}" for f in ts["failed"][:15]]
     text += [f"  SKIPPED {s[:150]}" for s in ts["skipped"][:10]]
 kn = summary.get("kernels")
