@@ -96,7 +96,7 @@ export PYTHONUNBUFFERED=1
 # Seconds each step may take at most, and the least each needs to be worth starting. A step's
 # timeout is its cap, cut so that the selected steps after it keep their minimum of --total.
 declare -A cap=([build]=${FST_BUILD_TIMEOUT:-150} [smoke]=45 [bench]=150 [tests]=120 [kernels]=75)
-declare -A least=([build]=60 [smoke]=15 [bench]=45 [tests]=60 [kernels]=30)
+declare -A least=([build]=60 [smoke]=20 [bench]=40 [tests]=60 [kernels]=30)
 
 step_timeout() {  # step_timeout NAME -> seconds (0: not enough time left)
   local name=$1 after=0 seen=0 s
