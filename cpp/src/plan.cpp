@@ -23,9 +23,12 @@ struct Checkpoint::NameTable : detail::NameIndex<Checkpoint::NameOf> {
 
 Checkpoint::Checkpoint(const std::vector<std::string>& paths, unsigned threads) {
   files_.resize(paths.size());
-  if (paths.size() == 1) {
-    files_[0] = read_header(paths[0]);
-  } else if (!paths.empty()) {
+  // A few headers are parsed faster on this thread than threads can be started for them (a
+  // small checkpoint's load is mostly such fixed costs); many files, read in parallel.
+  constexpr std::size_t kParallelFrom = 5;
+  if (paths.size() < kParallelFrom || threads == 1) {
+    for (std::size_t i = 0; i < paths.size(); ++i) files_[i] = read_header(paths[i]);
+  } else {
     ThreadPool pool(std::min<unsigned>(threads ? threads : ThreadPool::default_threads(),
                                        static_cast<unsigned>(paths.size())));
     TaskGroup group;

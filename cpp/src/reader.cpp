@@ -191,8 +191,6 @@ PendingLoad::PendingLoad(std::shared_ptr<const Checkpoint> ckpt, std::vector<Pic
   }
   st.backend = backend;
 
-  pool_ = std::make_unique<ThreadPool>(opt_.threads);
-  st.threads = pool_->size();
   try {
     if (backend == Backend::Mmap) start_views(read_ahead);
     else start_reads(backend == Backend::Direct);
@@ -230,7 +228,7 @@ void PendingLoad::start_views(bool read_ahead) {
       for (std::uint64_t off = 0; off < span.nbytes; off += kChunk) {
         const int fd = headers[file].file->fd();
         const std::uint64_t at = span.offset + off, len = std::min(kChunk, span.nbytes - off);
-        pool_->submit(group_, [fd, at, len](unsigned) {
+        pool().submit(group_, [fd, at, len](unsigned) {
           ::posix_fadvise(fd, static_cast<off_t>(at), static_cast<off_t>(len), POSIX_FADV_WILLNEED);
         });
       }
@@ -287,7 +285,7 @@ void PendingLoad::start_views(bool read_ahead) {
   result_.stats.requests = plan_.requests.size();
   std::byte* base = arena->data();
   for (const ReadRequest& req : plan_.requests) {
-    pool_->submit(group_, [this, &req, base](unsigned) {
+    pool().submit(group_, [this, &req, base](unsigned) {
       const FileHandle& file = *ckpt_->files()[req.file].file;
       populate_for(req);
       read_scattered(file.fd(), file.path(), req, plan_.pieces.data() + req.first_piece, base);
@@ -314,9 +312,9 @@ void PendingLoad::start_reads(bool direct) {
     // own: the kernel then sees sequential readers and reads ahead for each, where one shared
     // descriptor read at interleaved offsets defeats its readahead when the data is cold.
     const std::size_t n = plan_.requests.size();
-    const std::size_t stripes = std::min<std::size_t>(pool_->size(), n);
+    const std::size_t stripes = std::min<std::size_t>(pool().size(), n);
     for (std::size_t s = 0; s < stripes; ++s) {
-      pool_->submit(group_, [this, base, first = n * s / stripes, last = n * (s + 1) / stripes](unsigned) {
+      pool().submit(group_, [this, base, first = n * s / stripes, last = n * (s + 1) / stripes](unsigned) {
         std::vector<detail::PosixFile> own(ckpt_->files().size());
         for (std::size_t i = first; i < last && !group_.cancelled(); ++i) {
           const ReadRequest& req = plan_.requests[i];
@@ -346,10 +344,10 @@ void PendingLoad::start_reads(bool direct) {
       throw UnsupportedError("backend 'direct': O_DIRECT open of '" + headers[f].path +
                              "' failed: " + std::strerror(err));
   }
-  files_->bounce.resize(pool_->size());
+  files_->bounce.resize(pool().size());
   const std::uint64_t bounce_size = opt_.max_request + 2 * detail::kDirectAlign;
   for (const ReadRequest& req : plan_.requests) {
-    pool_->submit(group_, [this, &req, base, bounce_size](unsigned worker) {
+    pool().submit(group_, [this, &req, base, bounce_size](unsigned worker) {
       auto& bounce = files_->bounce[worker];
       if (!bounce) bounce = std::make_unique<HostArena>(bounce_size, detail::kDirectAlign);
       const auto& file = files_->direct[req.file];
@@ -365,6 +363,14 @@ void PendingLoad::start_reads(bool direct) {
   }
 }
 
+ThreadPool& PendingLoad::pool() {
+  if (!pool_) {
+    pool_ = std::make_unique<ThreadPool>(opt_.threads);
+    result_.stats.threads = pool_->size();
+  }
+  return *pool_;
+}
+
 void PendingLoad::populate_for(const ReadRequest& req) const {
   if (req.piece_count == 0) return;
   const Piece& first = plan_.pieces[req.first_piece];
@@ -374,7 +380,7 @@ void PendingLoad::populate_for(const ReadRequest& req) const {
 
 LoadedTensors PendingLoad::wait(const std::function<bool()>& tick, int tick_ms) {
   group_.drive(tick, tick_ms);
-  if (!targets_.empty()) convert_loaded(result_, *ckpt_, targets_, *pool_, opt_.alignment);
+  if (!targets_.empty()) convert_loaded(result_, *ckpt_, targets_, pool(), opt_.alignment);
   pool_.reset();
   files_.reset();  // close descriptors now; mappings stay alive through the owners
   result_.stats.seconds = detail::now_seconds() - started_;

@@ -87,6 +87,9 @@ class PendingLoad final : public AsyncLoad {
   // Backs the arena range a request fills before reading into it (see HostArena::populate).
   void populate_for(const ReadRequest& req) const;
   void start_reads(bool direct);
+  // The load's worker threads, started on first use: a load of views of cached data has no
+  // work for them, and starting and joining threads is most of a small load's fixed cost.
+  ThreadPool& pool();
 
   std::shared_ptr<const Checkpoint> ckpt_;
   ReadOptions opt_;
