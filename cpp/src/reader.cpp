@@ -131,6 +131,26 @@ std::string percent(double share) {
   return text;
 }
 
+HostBackendChoice choose_host_backend(const Checkpoint& ckpt, const std::vector<bool>& used, const ReadOptions& opt) {
+  if (opt.backend == Backend::Gds) throw UnsupportedError(kGdsNeedsGpu);
+  if (opt.backend == Backend::Mmap && !opt.allow_views)
+    throw UnsupportedError("backend 'mmap' gives zero-copy views and only serves CPU targets");
+  if (opt.backend != Backend::Auto) return {opt.backend, "requested"};
+  if (!opt.allow_views) return {Backend::Pread, "target is not host memory: parallel pread"};
+  // Host targets are served as views of the page cache, as the reference does: no copy at
+  // all. Data not cached yet is requested from the disk at once, in parallel (the kernel then
+  // reads with a deep queue) rather than page by page as the tensors are first touched.
+  const auto& headers = ckpt.files();
+  std::vector<int> fds(headers.size(), -1);
+  for (std::size_t f = 0; f < headers.size(); ++f)
+    if (used[f]) fds[f] = headers[f].file->fd();
+  HostBackendChoice choice{Backend::Mmap, ""};
+  choice.resident = data_residency(ckpt, fds);
+  choice.read_ahead = choice.resident < opt.resident_for_mmap;
+  choice.reason = percent(choice.resident) + " of the data is in the page cache: zero-copy mmap";
+  return choice;
+}
+
 bool direct_io_supported(const std::string& path, int& err) {
   // A probe of where a path's file lives (its file system), not a read of its data.
   auto f = detail::PosixFile::try_open(path, O_RDONLY | O_DIRECT, err);
@@ -164,36 +184,14 @@ PendingLoad::PendingLoad(std::shared_ptr<const Checkpoint> ckpt, std::vector<Pic
   for (std::size_t f = 0; f < headers.size(); ++f)
     if (used[f]) headers[f].file->check_unchanged();
 
-  Backend backend = opt_.backend;
-  if (backend == Backend::Gds) throw UnsupportedError(kGdsNeedsGpu);
-  if (backend == Backend::Mmap && !opt_.allow_views)
-    throw UnsupportedError("backend 'mmap' gives zero-copy views and only serves CPU targets");
-  bool read_ahead = false;
-  if (backend == Backend::Auto) {
-    if (!opt_.allow_views) {
-      backend = Backend::Pread;
-      st.reason = "target is not host memory: parallel pread";
-    } else {
-      // Host targets are served as views of the page cache: no copy at all. Data not cached
-      // yet is requested from the disk at once, in parallel (the kernel then reads with a deep
-      // queue) rather than page by page as the tensors are first touched.
-      std::vector<int> fds(headers.size(), -1);
-      for (std::size_t f = 0; f < headers.size(); ++f)
-        if (used[f]) fds[f] = headers[f].file->fd();
-      st.resident = data_residency(*ckpt_, fds);
-      backend = Backend::Mmap;
-      read_ahead = st.resident < opt_.resident_for_mmap;
-      st.reason = percent(st.resident) + " of the data is in the page cache: zero-copy mmap" +
-                  (read_ahead ? ", the rest read ahead in parallel" : "");
-    }
-  } else {
-    st.reason = "requested";
-  }
-  st.backend = backend;
+  const HostBackendChoice choice = choose_host_backend(*ckpt_, used, opt_);
+  st.backend = choice.backend;
+  st.resident = choice.resident;
+  st.reason = choice.reason + (choice.read_ahead ? ", the rest read ahead in parallel" : "");
 
   try {
-    if (backend == Backend::Mmap) start_views(read_ahead);
-    else start_reads(backend == Backend::Direct);
+    if (choice.backend == Backend::Mmap) start_views(choice.read_ahead);
+    else start_reads(choice.backend == Backend::Direct);
   } catch (...) {
     // No destructor runs for a half-built load: stop the tasks already queued here, before
     // the members they use go away.

@@ -25,24 +25,10 @@ TensorSource::TensorSource(std::shared_ptr<const Checkpoint> ckpt, const ReadOpt
   const auto& headers = ckpt_->files();
   state_->maps.resize(headers.size());
   state_->map_tried.assign(headers.size(), false);
-  backend_ = opt_.backend;
-  if (backend_ == Backend::Gds) throw UnsupportedError(kGdsNeedsGpu);
-  if (backend_ == Backend::Mmap && !opt_.allow_views)
-    throw UnsupportedError("backend 'mmap' gives zero-copy views and only serves CPU targets");
-  if (backend_ == Backend::Auto) {
-    if (opt_.allow_views) {
-      // As the reference does: views of a private mapping, paged in when first touched.
-      std::vector<int> fds;
-      for (const auto& h : headers) fds.push_back(h.file->fd());
-      backend_ = Backend::Mmap;
-      reason_ = percent(data_residency(*ckpt_, fds)) + " of the data is in the page cache: zero-copy mmap";
-    } else {
-      backend_ = Backend::Pread;
-      reason_ = "target is not host memory: pread";
-    }
-  } else {
-    reason_ = "requested";
-  }
+  // Single tensors are read on the calling thread when asked for: nothing to read ahead.
+  HostBackendChoice choice = choose_host_backend(*ckpt_, std::vector<bool>(headers.size(), true), opt_);
+  backend_ = choice.backend;
+  reason_ = std::move(choice.reason);
 }
 
 TensorSource::~TensorSource() = default;

@@ -105,6 +105,18 @@ class PendingLoad final : public AsyncLoad {
   double started_ = 0;
 };
 
+// How a host load reads: the backend asked for, or the automatic choice and why.
+struct HostBackendChoice {
+  Backend backend;
+  std::string reason;
+  double resident = 1.0;    // page-cache share of the data (measured for the automatic choice)
+  bool read_ahead = false;  // views whose data is partly uncached: ask the kernel for the rest
+};
+// The one place a host load's backend is chosen, for whole loads and for single tensors
+// (safe_open): `used[f]` marks the files the load reads. Throws UnsupportedError for a
+// backend that cannot serve the target.
+HostBackendChoice choose_host_backend(const Checkpoint& ckpt, const std::vector<bool>& used, const ReadOptions& opt);
+
 // Share of bytes [offset, offset+length) of `path` that is in the page cache (0..1).
 double page_cache_residency(int fd, std::uint64_t file_size, std::uint64_t offset, std::uint64_t length);
 // The page-cache share of the data of the files whose descriptor is given (fds[f] < 0: not
