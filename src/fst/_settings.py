@@ -36,6 +36,11 @@ PAGE = 4096
 DEFAULT_STAGING_BUDGET = 256 << 20
 
 
+def one_of(choices: tuple[str, ...]) -> str:
+    """'a, b or c'."""
+    return ", ".join(choices[:-1]) + " or " + choices[-1]
+
+
 def _size(n: int) -> str:
     for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
         if n >= 1 << shift and n % (1 << shift) == 0:
@@ -73,7 +78,7 @@ class Variable:
 def _choice(choices: tuple[str, ...]) -> Callable[[str], str]:
     def parse(text: str) -> str:
         if text.lower() not in choices:  # a shell user may well type MMAP
-            raise ValueError(f"expected one of {', '.join(choices)}")
+            raise ValueError(f"expected {one_of(choices)}")
         return text.lower()
 
     return parse
@@ -166,7 +171,7 @@ def backend(value: Optional[str]) -> str:
     if not isinstance(value, str):
         raise TypeError(f"backend must be a str, not {type(value).__name__} {value!r}")
     if value not in BACKENDS:
-        raise ValueError(f"backend={value!r}: expected one of {', '.join(BACKENDS)}")
+        raise ValueError(f"backend={value!r}: expected {one_of(BACKENDS)}")
     return value
 
 

@@ -14,7 +14,7 @@ from typing import Any, Callable, List, Optional
 import typer
 
 from . import benchmark as bm
-from ._settings import BACKENDS
+from ._settings import BACKENDS, one_of
 
 app = typer.Typer(
     name="fst",
@@ -103,7 +103,7 @@ def _size_option(text: str) -> int:
 
 def _choice_option(value: str, choices: tuple[str, ...], option: str) -> None:
     if value not in choices:
-        raise typer.BadParameter(f"{value!r}: expected one of {', '.join(choices)}", param_hint=option)
+        raise typer.BadParameter(f"{value!r}: expected {one_of(choices)}", param_hint=option)
 
 
 # --------------------------------------------------------------------------------------------
