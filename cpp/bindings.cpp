@@ -396,7 +396,6 @@ struct PyCheckpoint {
   }
   // (name, dtype, shape, begin, end, file index, absolute offset) for every tensor, file order.
   py::list entries() const {
-    ckpt->check_complete();
     py::list out(ckpt->all().size());
     std::size_t i = 0;
     for (TensorRef r : ckpt->all()) {
@@ -684,6 +683,8 @@ PYBIND11_MODULE(_core, m) {
              return PyCheckpoint{std::make_shared<const Checkpoint>(paths, threads, map ? &*map : nullptr)};
            }), py::arg("paths"), py::arg("threads") = 0, py::arg("index") = py::none())
       .def("unindexed", [](const PyCheckpoint& c) { return unindexed_names(*c.ckpt); })
+      // For planners that take every tensor from entries() rather than select(None).
+      .def("check_complete", [](const PyCheckpoint& c) { c.ckpt->check_complete(); })
       .def_property_readonly("files", [](const PyCheckpoint& c) {
         py::list out;
         for (const auto& f : c.ckpt->files()) out.append(f.path);

@@ -140,6 +140,36 @@ def test_stale_index_tensors_it_does_not_name_are_not_loaded_and_listed_in_stats
     assert fst.last_load_stats()["unindexed"] == []
 
 
+def test_stale_index_in_a_sharded_jax_load(stale):
+    jax = pytest.importorskip("jax")
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    sharding = NamedSharding(jax.make_mesh((1,), ("a",), devices=jax.devices("cpu")[:1]), PartitionSpec())
+    with pytest.raises(fst.FstError, match=r"'z'.*s1\.safetensors.*does not hold it"):
+        fst.load(stale, framework="jax", sharding=sharding)
+    assert sorted(fst.load(stale, framework="jax", sharding=sharding, keys=["x", "w"])) == ["w", "x"]
+    assert fst.last_load_stats()["unindexed"] == ["y"]
+
+
+def test_stale_index_in_a_distributed_load(stale, monkeypatch):
+    import socket
+
+    dist = pytest.importorskip("torch.distributed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        monkeypatch.setenv("FST_DISTRIBUTED", "collective")
+        with pytest.raises(fst.FstError, match=r"'z'.*s1\.safetensors.*does not hold it"):
+            fst.load(stale, framework="torch", process_group=dist.group.WORLD)
+        got = fst.load(stale, framework="torch", process_group=dist.group.WORLD, keys=["x", "w"])
+        assert sorted(got) == ["w", "x"]
+        assert fst.last_load_stats()["unindexed"] == ["y"]
+    finally:
+        dist.destroy_process_group()
+
+
 # -- arguments ---------------------------------------------------------------------------
 
 BAD_ARGUMENTS = [

@@ -561,7 +561,9 @@ class _Run:
             target, cdev = self._devices(device, group_backend)
             ckpt = open_checkpoint(path, threads)
             entries = ckpt.entries()
-            if keys is not None:
+            if keys is None:
+                ckpt.check_complete()
+            else:
                 chosen = set(ckpt.select(keys).names())
                 entries = [e for e in entries if e[0] in chosen]
             plan = make_plan(entries, owner.rules, self.ws, budget)
@@ -581,6 +583,7 @@ class _Run:
         self.entries = entries
         self.stats["strategy"] = "local" if colocated else "collective"
         self.stats["steps"] = len(plan.steps)
+        self.stats["unindexed"] = ckpt.unindexed()
         # This rank's parts of the tensors sharded on d > 0 share one buffer per step.
         self._part_home: dict[int, tuple[int, int]] = {}
         self._parts_size = [0] * len(plan.steps)

@@ -729,7 +729,10 @@ class ShardedLoad:
 
 
 def _names(ckpt: Any, keys: Optional[list]) -> Optional[set]:
-    return None if keys is None else set(ckpt.select(keys).names())
+    if keys is None:
+        ckpt.check_complete()  # every tensor, the index's missing ones included
+        return None
+    return set(ckpt.select(keys).names())
 
 
 def _full_bytes(plans: Sequence[_TensorPlan]) -> int:
