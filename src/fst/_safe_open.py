@@ -124,8 +124,8 @@ def _check_index(framework: str, shape: list[int], index: Any) -> None:
 
     The frameworks' rules differ (torch refuses a negative step even for an empty range; numpy
     reports too many indices before a zero step), so the framework itself indexes a stand-in
-    of that shape: one element repeated by zero strides, no memory behind it. JAX indexes the
-    rows read as numpy would.
+    of that shape: one element repeated by zero strides, no memory behind it. JAX arrays are
+    indexed by JAX itself, after the read.
     """
     if framework == "numpy":
         import numpy as np
