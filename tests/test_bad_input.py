@@ -140,6 +140,17 @@ def test_stale_index_tensors_it_does_not_name_are_not_loaded_and_listed_in_stats
     assert fst.last_load_stats()["unindexed"] == []
 
 
+def test_index_decides_between_two_copies_of_a_name(tmp_path):
+    write(tmp_path / "a.safetensors", [("x", "F32", [2]), ("z", "F32", [1])], seed=1)
+    write(tmp_path / "b.safetensors", [("x", "F32", [2]), ("y", "F32", [1])], seed=2)
+    index = _index(tmp_path, {"x": "b.safetensors", "y": "b.safetensors", "z": "a.safetensors"})
+    got = fst.load(index)
+    assert np.array_equal(got["x"], fst.load(tmp_path / "b.safetensors", keys=["x"])["x"])
+    assert fst.open_checkpoint(index).unindexed() == ["x"]  # a.safetensors' copy
+    with pytest.raises(fst.HeaderError, match="duplicate tensor"):
+        fst.load(sorted(tmp_path.glob("*.safetensors")))  # without the index, two copies clash
+
+
 def test_stale_index_in_a_sharded_jax_load(stale):
     jax = pytest.importorskip("jax")
     from jax.sharding import NamedSharding, PartitionSpec
