@@ -210,6 +210,13 @@ struct PySelection {
   }
 };
 
+// Names of the tensors the files hold and the index does not name, in file order.
+py::list unindexed_names(const Checkpoint& ckpt) {
+  py::list out;
+  for (TensorRef r : ckpt.unindexed()) out.append(py::str(ckpt.entry(r).name));
+  return out;
+}
+
 struct PyLoaded {
   LoadedTensors loaded;
   std::shared_ptr<const Checkpoint> ckpt;
@@ -269,6 +276,7 @@ struct PyLoaded {
     d["backend"] = backend_name(s.backend);
     d["reason"] = s.reason;
     d["tensors"] = loaded.selection.size();
+    d["unindexed"] = unindexed_names(*ckpt);  // a stale index must not hide tensors silently
     d["bytes"] = s.bytes;
     d["bytes_read"] = s.bytes_read;
     d["requests"] = s.requests;
@@ -338,17 +346,16 @@ struct PySource {
   std::uint64_t alignment;
 
   ExportItem item(const std::string& name, std::optional<std::uint64_t> lo, std::optional<std::uint64_t> hi) const {
-    const TensorRef* r = ckpt->find(name);
-    if (!r) throw KeyNotFoundError(name);
-    Pick pick{*r};
+    const TensorRef r = ckpt->require(name);
+    Pick pick{r};
     if (lo || hi) {
-      const TensorEntry& e = ckpt->entry(*r);
+      const TensorEntry& e = ckpt->entry(r);
       std::uint64_t first = lo.value_or(0), last = hi.value_or(e.shape.empty() ? 1 : e.shape[0]);
       if (last < first) throw py::index_error("row range ends before it starts");
       pick.first_row = first;
       pick.rows = last - first;
     }
-    const Dtype from = ckpt->entry(*r).dtype, to = rules.target_for(ckpt->entry(*r));
+    const Dtype from = ckpt->entry(r).dtype, to = rules.target_for(ckpt->entry(r));
     TensorSource::Rows rows;
     {
       py::gil_scoped_release release;
@@ -371,11 +378,7 @@ struct PyCheckpoint {
     if (i >= ckpt->files().size()) throw py::index_error("file index out of range");
     return ckpt->files()[i];
   }
-  TensorRef ref(const std::string& name) const {
-    const TensorRef* r = ckpt->find(name);
-    if (!r) throw KeyNotFoundError(name);
-    return *r;
-  }
+  TensorRef ref(const std::string& name) const { return ckpt->require(name); }
   py::list names(bool sorted) const {
     std::vector<const std::string*> names;
     names.reserve(ckpt->all().size());
@@ -416,6 +419,7 @@ struct PyCheckpoint {
     if (patterns) {
       picks = ckpt->select(*patterns);
     } else {
+      ckpt->check_complete();
       picks.reserve(ckpt->all().size());
       for (TensorRef r : ckpt->all()) picks.push_back(Pick{r});
     }
@@ -668,10 +672,19 @@ PYBIND11_MODULE(_core, m) {
          py::arg("bundled_library") = "", py::arg("merge_gap") = 1u << 20, py::arg("gds_device") = nullptr);
 
   py::class_<PyCheckpoint>(m, "Checkpoint")
-      .def(py::init([](const std::vector<std::string>& paths, unsigned threads) {
+      // index: (index path, shard names one per path, tensor name -> shard name), or None.
+      .def(py::init([](const std::vector<std::string>& paths, unsigned threads,
+                       std::optional<std::tuple<std::string, std::vector<std::string>,
+                                                std::unordered_map<std::string, std::string>>> index) {
+             std::optional<IndexMap> map;
+             if (index) map = IndexMap{std::move(std::get<0>(*index)), std::move(std::get<1>(*index)),
+                                       std::move(std::get<2>(*index))};
              py::gil_scoped_release release;
-             return PyCheckpoint{std::make_shared<const Checkpoint>(paths, threads)};
-           }), py::arg("paths"), py::arg("threads") = 0)
+             return PyCheckpoint{std::make_shared<const Checkpoint>(paths, threads, map ? &*map : nullptr)};
+           }), py::arg("paths"), py::arg("threads") = 0, py::arg("index") = py::none())
+      .def("unindexed", [](const PyCheckpoint& c) { return unindexed_names(*c.ckpt); })
+      // For planners that take every tensor from entries() rather than select(None).
+      .def("check_complete", [](const PyCheckpoint& c) { c.ckpt->check_complete(); })
       .def_property_readonly("files", [](const PyCheckpoint& c) {
         py::list out;
         for (const auto& f : c.ckpt->files()) out.append(f.path);

@@ -220,3 +220,53 @@ def test_bench_bad_arguments(single):
     assert r.exit_code != 0
     r = invoke("bench", single.path, "--compare", "nope", "--no-cold", "--repeat", "1", "--quiet")
     assert r.exit_code == 1 and r.stderr.startswith("error: unknown loader")
+
+
+@pytest.mark.parametrize("option,value", [("--backend", "warp"), ("--touch", "everything"), ("--size", "lots"),
+                                          ("--size", "0")])
+def test_bench_bad_option_is_a_usage_error(single, option, value):
+    # Without the check, the benchmark ran and printed rows of "n/a": keep it small if it runs.
+    r = invoke("bench", single.path, "--framework", "numpy", "--compare", "none", "--no-cold", "--repeat", "1",
+               "--quiet", option, value)
+    assert r.exit_code == 2, r.output
+    assert option in r.stderr and repr(value) in r.stderr
+    assert "n/a" not in r.stdout
+
+
+def test_demo_bad_size_is_a_usage_error():
+    r = invoke("demo", "--size", "lots")
+    assert r.exit_code == 2, r.output
+    assert "--size" in r.stderr and "'lots'" in r.stderr
+
+
+def test_verify_missing_path_names_it_once(tmp_path):
+    missing = str(tmp_path / "nonexistent")
+    r = invoke("verify", missing)
+    assert r.exit_code == 1
+    assert r.stderr.count(missing) == 1, r.stderr
+
+
+def test_nul_byte_in_a_path_is_one_line(tmp_path, single):
+    r = invoke("info", str(single.path) + "\0/../../x")
+    assert r.exit_code == 1
+    assert r.stderr.startswith("error: ") and "NUL byte" in r.stderr and r.stderr.strip().count("\n") == 0
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"x": "a.safetensors\0/../../b.safetensors"}}))
+    for command in ("info", "verify", "doctor"):
+        r = invoke(command, index)
+        assert r.exit_code == 1, (command, r.output)
+        assert "NUL byte" in r.stderr and r.stderr.strip().count("\n") == 0, (command, r.stderr)
+
+
+def test_doctor_without_a_cuda_driver_describes_no_gpu_plan(monkeypatch):
+    import fst
+
+    reason = "no CUDA driver: libcuda.so.1: cannot open shared object file"
+    monkeypatch.setattr(fst._core, "cuda_driver_info",
+                        lambda: {"available": False, "reason": reason, "driver_version": 0, "devices": []})
+    r = invoke("doctor")
+    assert r.exit_code == 0, r.output
+    gpu = [line for line in r.stdout.splitlines() if line.startswith("GPU loading:")]
+    assert gpu == [f"GPU loading: none ({reason})"], r.stdout
+    data = json.loads(invoke("doctor", "--json").stdout)
+    assert data["gpu_loading"] == f"none ({reason})" and data["gpu_backend"] is None

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <mutex>
+#include <tuple>
 #include <unordered_set>
 
 #include "fst/buffer.hpp"
@@ -21,7 +22,7 @@ struct Checkpoint::NameTable : detail::NameIndex<Checkpoint::NameOf> {
   using detail::NameIndex<Checkpoint::NameOf>::NameIndex;
 };
 
-Checkpoint::Checkpoint(const std::vector<std::string>& paths, unsigned threads) {
+Checkpoint::Checkpoint(const std::vector<std::string>& paths, unsigned threads, const IndexMap* index) {
   files_.resize(paths.size());
   // A few headers are parsed faster on this thread than threads can be started for them (a
   // small checkpoint's load is mostly such fixed costs); many files, read in parallel.
@@ -42,12 +43,60 @@ Checkpoint::Checkpoint(const std::vector<std::string>& paths, unsigned threads) 
   all_.reserve(total);
   for (std::uint32_t fi = 0; fi < files_.size(); ++fi)
     for (std::uint32_t ti = 0; ti < files_[fi].tensors.size(); ++ti) all_.push_back(TensorRef{fi, ti});
+  if (index) apply_index(*index);
   // Names are unique within a file (the parser resolved repeats), so one file needs the name
   // table only for lookups, built on the first one: a whole-checkpoint load never pays for it.
   if (files_.size() > 1) build_name_table();
 }
 
 Checkpoint::~Checkpoint() = default;
+
+void Checkpoint::apply_index(const IndexMap& index) {
+  if (index.shards.size() != files_.size()) throw Error(index.path + ": expected one shard name per file");
+  index_path_ = index.path;
+  std::unordered_map<std::string_view, std::uint32_t> file_of_shard;
+  for (std::uint32_t fi = 0; fi < index.shards.size(); ++fi) file_of_shard.emplace(index.shards[fi], fi);
+  std::vector<TensorRef> kept;
+  kept.reserve(all_.size());
+  for (TensorRef r : all_) {
+    auto it = index.shard_of.find(entry(r).name);
+    bool named_here = it != index.shard_of.end() && file_of_shard.at(it->second) == r.file;
+    (named_here ? kept : unindexed_).push_back(r);
+  }
+  all_ = std::move(kept);
+  // Each kept tensor is a distinct name of the index: fewer than it names means some are missing.
+  if (all_.size() == index.shard_of.size()) return;
+  std::unordered_map<std::string_view, std::uint32_t> held;
+  held.reserve(all_.size());
+  for (TensorRef r : all_) held.emplace(entry(r).name, r.file);
+  for (const auto& [name, shard] : index.shard_of)
+    if (!held.count(name)) missing_.emplace(name, file_of_shard.at(shard));
+}
+
+void Checkpoint::throw_missing(const std::string& name, std::uint32_t file) const {
+  throw Error(index_path_ + ": maps '" + name + "' to '" + files_[file].path +
+              "', which does not hold it (the index is stale)");
+}
+
+void Checkpoint::throw_first_missing(const std::string* glob) const {
+  // The first by file, then by name, so the message does not depend on the hash order.
+  const std::pair<const std::string, std::uint32_t>* first = nullptr;
+  for (const auto& m : missing_) {
+    if (glob && ::fnmatch(glob->c_str(), m.first.c_str(), 0) != 0) continue;
+    if (!first || std::tie(m.second, m.first) < std::tie(first->second, first->first)) first = &m;
+  }
+  if (first) throw_missing(first->first, first->second);
+}
+
+void Checkpoint::check_complete() const {
+  if (!missing_.empty()) throw_first_missing(nullptr);
+}
+
+TensorRef Checkpoint::require(const std::string& name) const {
+  if (const TensorRef* r = find(name)) return *r;
+  if (auto it = missing_.find(name); it != missing_.end()) throw_missing(it->first, it->second);
+  throw KeyNotFoundError(name);
+}
 
 void Checkpoint::build_name_table() const {
   std::call_once(name_table_once_, [this] {
@@ -91,9 +140,12 @@ std::vector<Pick> Checkpoint::select(const std::vector<std::string>& patterns) c
   std::vector<const std::string*> globs;
   for (const auto& p : patterns) {
     if (find(p)) exact.insert(p);
+    else if (auto it = missing_.find(p); it != missing_.end()) throw_missing(it->first, it->second);
     else if (p.find_first_of("*?[") != std::string::npos) globs.push_back(&p);
     else throw KeyNotFoundError(p);
   }
+  if (!missing_.empty())
+    for (const std::string* g : globs) throw_first_missing(g);
   std::vector<Pick> out;
   for (TensorRef r : all_) {
     const std::string& name = entry(r).name;

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import threading
 from typing import Any, Iterable, Iterator, Optional, Union
 
-from . import _core
+from . import _core, _settings
 from ._dtypes import dtype_rules
-from ._paths import PathArg, resolve
+from ._paths import PathArg, resolve_checkpoint
 from ._progress import make_progress
 from .adapters import get_adapter, start_load
 
@@ -16,32 +15,35 @@ Keys = Optional[Union[str, Iterable[str]]]
 
 _local = threading.local()
 
-DEFAULT_BUDGET = 256 << 20
-
-
-def _threads(threads: Optional[int]) -> int:
-    if threads is None:
-        threads = int(os.environ.get("FST_THREADS", "0") or 0)
-    if threads < 0:
-        raise ValueError(f"threads must be >= 0, not {threads}")
-    return threads
-
-
-def _backend(backend: Optional[str]) -> str:
-    return backend or os.environ.get("FST_BACKEND", "auto")
-
 
 def _patterns(keys: Keys) -> Optional[list[str]]:
     if keys is None:
         return None
     if isinstance(keys, str):
         return [keys]
-    return list(keys)
+    try:
+        patterns = list(keys)
+    except TypeError:
+        raise TypeError(f"keys must be a tensor name or glob pattern, or an iterable of them, not "
+                        f"{type(keys).__name__} {keys!r}") from None
+    # The types, collected in C: keys may list 250,000 names, too many for a Python loop.
+    if not all(issubclass(kind, str) for kind in set(map(type, patterns))):
+        bad = next(p for p in patterns if not isinstance(p, str))
+        raise TypeError(f"keys must hold tensor names or glob patterns (str), not {type(bad).__name__} {bad!r}")
+    return patterns
 
 
 def open_checkpoint(path: PathArg, threads: Optional[int] = None) -> _core.Checkpoint:
-    """Parse and validate every header of a checkpoint (file, list, index or directory)."""
-    return _core.Checkpoint(resolve(path), _threads(threads))
+    """Parse and validate every header of a checkpoint (file, list, index or directory).
+
+    With an index, the checkpoint is what the index names: tensors a file holds that the index
+    does not name are left out (``unindexed()``, and each load's stats), and a name the index
+    maps to a file lacking it is an error when a load selects it.
+    """
+    _settings.check_environment()
+    files, index = resolve_checkpoint(path)
+    as_core = None if index is None else (index.path, index.shards, index.weight_map)
+    return _core.Checkpoint(files, _settings.threads(threads), as_core)
 
 
 def last_load_stats() -> Optional[dict[str, Any]]:
@@ -61,13 +63,13 @@ def _torch_distributed_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _casts(path: PathArg, keys: Keys, dtype: Any, threads: Optional[int]) -> dict[str, str]:
+def _casts(path: PathArg, keys: Optional[list[str]], dtype: Any, threads: int) -> dict[str, str]:
     """Name -> dtype for the tensors `dtype=` converts, for loads whose planner delivers the
     file's dtypes: the framework converts those after delivery (elementwise, so the same on a
     shard as on the whole tensor)."""
     if dtype is None:
         return {}
-    selection = open_checkpoint(path, threads).select(_patterns(keys))
+    selection = open_checkpoint(path, threads).select(keys)
     return dict(selection.with_dtypes(*dtype_rules(dtype)).conversions())
 
 
@@ -125,22 +127,24 @@ def load(
       what its devices hold (see fst.jax).
     Returns a dict of name -> tensor in file order. Tensors own their memory.
     """
+    _settings.check_environment()
+    patterns, backend, threads = _patterns(keys), _settings.backend(backend), _settings.threads(threads)
     adapter = get_adapter(framework)
     adapter.check_device(device)
     special = _distributed_or_sharded(adapter, process_group, shard, sharding, mesh, replicate_rest)
     if special is not None:
-        out = special.load(path, device=device, keys=_patterns(keys), backend=_backend(backend),
-                           threads=_threads(threads), progress=progress)
+        out = special.load(path, device=device, keys=patterns, backend=backend, threads=threads,
+                           progress=progress)
         # After the load, whose planning every rank agreed on: a bad file raises on every rank
         # there, where parsing it here first would raise on one rank and leave the others waiting.
-        casts = _casts(path, keys, dtype, threads)
+        casts = _casts(path, patterns, dtype, threads)
         for name, target in casts.items():
             if name in out:
                 out[name] = adapter.cast(out[name], target)
         return out
     ckpt = open_checkpoint(path, threads)
-    selection = ckpt.select(_patterns(keys)).with_dtypes(*dtype_rules(dtype))
-    pending = start_load(adapter, selection, device, _backend(backend), _threads(threads))
+    selection = ckpt.select(patterns).with_dtypes(*dtype_rules(dtype))
+    pending = start_load(adapter, selection, device, backend, threads)
     callback, close = make_progress(progress, selection.nbytes, "fst load")
     try:
         loaded = pending.wait(callback)
@@ -173,24 +177,23 @@ def iter_tensors(
     what the caller keeps; a tensor larger than the budget is a group of its own. The budget
     defaults to $FST_STAGING_BUDGET or 256 MiB.
     """
+    _settings.check_environment()
+    patterns, backend, threads = _patterns(keys), _settings.backend(backend), _settings.threads(threads)
+    budget = _settings.staging_budget(budget)
     adapter = get_adapter(framework)
     adapter.check_device(device)
-    if budget is None:
-        budget = int(os.environ.get("FST_STAGING_BUDGET", DEFAULT_BUDGET))
-    if budget <= 0:
-        raise ValueError(f"budget must be positive, not {budget}")
     special = _distributed_or_sharded(adapter, process_group, shard, sharding, mesh, replicate_rest)
     if special is not None:
-        stream = special.iter_tensors(path, device=device, keys=_patterns(keys), backend=_backend(backend),
-                                      threads=_threads(threads), progress=progress, budget=budget)
-        casts = _casts(path, keys, dtype, threads)  # after the ranks agreed (see load)
+        stream = special.iter_tensors(path, device=device, keys=patterns, backend=backend, threads=threads,
+                                      progress=progress, budget=budget)
+        casts = _casts(path, patterns, dtype, threads)  # after the ranks agreed (see load)
         if not casts:
             return stream
         return ((name, adapter.cast(t, casts[name]) if name in casts else t) for name, t in stream)
     ckpt = open_checkpoint(path, threads)
-    selection = ckpt.select(_patterns(keys)).with_dtypes(*dtype_rules(dtype))
+    selection = ckpt.select(patterns).with_dtypes(*dtype_rules(dtype))
     groups = selection.split(budget)
-    return _stream(adapter, device, groups, _backend(backend), _threads(threads), progress, selection.nbytes)
+    return _stream(adapter, device, groups, backend, threads, progress, selection.nbytes)
 
 
 def _stream(adapter, device, groups, backend, threads, progress, total) -> Iterator[tuple[str, Any]]:

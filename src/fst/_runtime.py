@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from . import _core
+from . import _core, _settings
 
 
 @functools.lru_cache(maxsize=None)
@@ -71,7 +71,7 @@ def runtime_info(path: Optional[str] = None) -> dict[str, Any]:
             if use_gds
             else f"pinned staging buffers + cuMemcpyHtoDAsync ({why})"
         ),
-        "environment": {k: v for k, v in os.environ.items() if k.startswith("FST_")},
+        "environment": _settings.environment(),
     }
     if path is not None:
         from ._api import open_checkpoint

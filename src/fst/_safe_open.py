@@ -5,7 +5,8 @@ from __future__ import annotations
 import operator
 from typing import Any, Optional
 
-from ._api import _backend, open_checkpoint
+from . import _settings
+from ._api import open_checkpoint
 from ._dtypes import dtype_rules
 from ._paths import PathArg
 from .adapters import get_adapter, start_load
@@ -26,7 +27,7 @@ class safe_open:  # noqa: N801 - the name is the reference's
         self._adapter.check_device(device)
         self._device = device
         self._ckpt = open_checkpoint(filename)
-        self._backend = _backend(backend)
+        self._backend = _settings.backend(backend)
         self._rules = dtype_rules(dtype)
         self._source = self._ckpt.source(
             "auto" if self._adapter.cuda_index(device) is not None else self._backend,
@@ -111,10 +112,29 @@ class TensorSlice:
     def __getitem__(self, index: Any) -> Any:
         owner = self._owner
         owner._check_open()
+        _check_index(owner._adapter.name, self._shape, index)
         idx = index if isinstance(index, tuple) else (index,)
         lo, hi, rest = _rows_for(idx, self._shape)
         tensor = owner._read(self._name, lo, hi)
         return _contiguous(tensor[rest])
+
+
+def _check_index(framework: str, shape: list[int], index: Any) -> None:
+    """Raise what numpy or torch raises for `index` on a tensor of `shape`, before any read.
+
+    The frameworks' rules differ (torch refuses a negative step even for an empty range; numpy
+    reports too many indices before a zero step), so the framework itself indexes a stand-in
+    of that shape: one element repeated by zero strides, no memory behind it. JAX arrays are
+    indexed by JAX itself, after the read.
+    """
+    if framework == "numpy":
+        import numpy as np
+
+        np.broadcast_to(np.zeros((), np.uint8), shape)[index]
+    elif framework == "torch":
+        import torch
+
+        torch.zeros((), dtype=torch.uint8).expand(shape)[index]
 
 
 def _contiguous(x: Any) -> Any:

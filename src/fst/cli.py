@@ -14,6 +14,7 @@ from typing import Any, Callable, List, Optional
 import typer
 
 from . import benchmark as bm
+from ._settings import BACKENDS, one_of
 
 app = typer.Typer(
     name="fst",
@@ -27,6 +28,10 @@ app = typer.Typer(
 _state = {"debug": False}
 
 PATH_HELP = "A .safetensors file, a *.safetensors.index.json, or a directory holding them."
+
+# typer.BadParameter is click's, from click itself or from the copy that newer typer releases
+# carry: click reports its ClickException base itself (usage errors with exit status 2).
+_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
 
 # --------------------------------------------------------------------------------------------
@@ -61,7 +66,7 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
             _error("interrupted")
             raise typer.Exit(130) from None
         except Exception as exc:
-            if _state["debug"] or type(exc).__module__.startswith("click"):
+            if _state["debug"] or isinstance(exc, _CLICK_ERROR):
                 raise
             _error(_message(exc))
             raise typer.Exit(1) from None
@@ -93,7 +98,12 @@ def _size_option(text: str) -> int:
     try:
         return bm.parse_size(text)
     except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
+        raise typer.BadParameter(str(exc), param_hint="--size") from None
+
+
+def _choice_option(value: str, choices: tuple[str, ...], option: str) -> None:
+    if value not in choices:
+        raise typer.BadParameter(f"{value!r}: expected {one_of(choices)}", param_hint=option)
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,7 +305,7 @@ def verify(
             good.append((f, fst.open_checkpoint(f)))
         except (fst.FstError, OSError) as exc:
             line = _message(exc)
-            if not line.startswith(f):
+            if f not in line:
                 line = f"{f}: {line}"
             if against and isinstance(exc, fst.HeaderError):
                 try:
@@ -385,6 +395,8 @@ def bench(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines on stderr."),
 ) -> None:
     """Time fst against other loaders, each load in a fresh process, warm and cold."""
+    _choice_option(backend, BACKENDS, "--backend")
+    _choice_option(touch, bm.TOUCH_MODES, "--touch")
     loaders = _split_list(compare) if compare else ["safetensors"]
     nbytes = _size_option(size)
     if plot is not None and not bm.installed("matplotlib"):
@@ -544,6 +556,11 @@ def doctor(
     import fst
 
     data = fst.runtime_info(path)
+    drv = data["cuda_driver"]
+    if not drv.get("available"):
+        # No driver, no GPU load: the plan runtime_info describes is what a GPU would get.
+        data["gpu_loading"] = f"none ({drv.get('reason') or 'no CUDA driver'})"
+        data["gpu_backend"] = None
     if path is not None:
         data["path"]["filesystem"] = bm.filesystem_of(data["path"]["files"][0])
     if as_json:
@@ -553,7 +570,6 @@ def doctor(
     say(f"fst {data['version']}: C++ core with {data['threads']} I/O threads by default "
         f"(set FST_THREADS or threads= to change)")
     say(f"CUDA kernels: {'built' if data['cuda_kernels_built'] else 'not built in this install'}")
-    drv = data["cuda_driver"]
     if drv.get("available"):
         gpus = drv.get("devices") or []
         say(f"CUDA driver: {_driver_version(drv.get('driver_version', 0))}, {len(gpus)} GPU(s)")

@@ -103,8 +103,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional
 
-from . import _core
-from ._api import DEFAULT_BUDGET, _record, open_checkpoint
+from . import _core, _settings
+from ._api import _record, open_checkpoint
 from ._progress import make_progress
 from .adapters import get_adapter, start_load
 from .errors import FstError, UnsupportedError
@@ -485,29 +485,18 @@ class DistributedLoad:
 
     def load(self, path: Any, *, device: Any = "cpu", keys: Optional[list] = None, backend: str = "auto",
              threads: int = 0, progress: bool = False, budget: Optional[int] = None) -> dict:
-        if budget is None:
-            budget = int(os.environ.get("FST_STAGING_BUDGET", DEFAULT_BUDGET))
+        budget = _settings.staging_budget(budget)
         run = _Run(self, path, device, keys, backend, threads, progress, budget)
         return dict(run.tensors())
 
     def iter_tensors(self, path: Any, *, device: Any = "cpu", keys: Optional[list] = None,
                      backend: str = "auto", threads: int = 0, progress: bool = False,
-                     budget: int = DEFAULT_BUDGET) -> Iterator[tuple[str, Any]]:
+                     budget: int = _settings.DEFAULT_STAGING_BUDGET) -> Iterator[tuple[str, Any]]:
         run = _Run(self, path, device, keys, backend, threads, progress, budget)
         return run.tensors()
 
 
 # ---------------------------------------------------------------------------- runner --
-
-_STRATEGIES = ("auto", "collective", "local")
-
-
-def _strategy() -> str:
-    strategy = os.environ.get("FST_DISTRIBUTED", "auto").strip().lower() or "auto"
-    if strategy not in _STRATEGIES:
-        raise ValueError(f"FST_DISTRIBUTED={strategy!r}: expected one of {', '.join(_STRATEGIES)}")
-    return strategy
-
 
 def _boot_id() -> str:
     try:
@@ -568,11 +557,13 @@ class _Run:
 
         error, plan, ckpt, place = None, None, None, b""
         try:
-            strategy = _strategy()
+            strategy = _settings.distributed_strategy()
             target, cdev = self._devices(device, group_backend)
             ckpt = open_checkpoint(path, threads)
             entries = ckpt.entries()
-            if keys is not None:
+            if keys is None:
+                ckpt.check_complete()
+            else:
                 chosen = set(ckpt.select(keys).names())
                 entries = [e for e in entries if e[0] in chosen]
             plan = make_plan(entries, owner.rules, self.ws, budget)
@@ -592,6 +583,7 @@ class _Run:
         self.entries = entries
         self.stats["strategy"] = "local" if colocated else "collective"
         self.stats["steps"] = len(plan.steps)
+        self.stats["unindexed"] = ckpt.unindexed()
         # This rank's parts of the tensors sharded on d > 0 share one buffer per step.
         self._part_home: dict[int, tuple[int, int]] = {}
         self._parts_size = [0] * len(plan.steps)

@@ -56,8 +56,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
 
-from . import _core
-from ._api import DEFAULT_BUDGET, _backend, _record, _threads, open_checkpoint
+from . import _core, _settings
+from ._api import _record, open_checkpoint
 from ._paths import PathArg
 from ._progress import make_progress
 from .adapters.jax import _jax_device
@@ -665,7 +665,7 @@ class ShardedLoad:
              threads: Optional[int] = None, progress: bool = False) -> dict[str, jax.Array]:
         """name -> jax.Array, in file order (see the module's documentation)."""
         t0 = time.perf_counter()
-        backend, threads = _backend(backend), _threads(threads)
+        backend, threads = _settings.backend(backend), _settings.threads(threads)
         ckpt = open_checkpoint(path, threads)
         return self._load(ckpt, _names(ckpt, keys), device, backend, threads, progress, t0)
 
@@ -690,10 +690,8 @@ class ShardedLoad:
         """Yield (name, jax.Array) in file order, reading groups of at most `budget` bytes
         (this process's share; a tensor whose share is larger is a group of its own), the
         next group while the caller holds the current one."""
-        backend, threads = _backend(backend), _threads(threads)
-        budget = DEFAULT_BUDGET if budget is None else budget
-        if budget <= 0:
-            raise ValueError(f"budget must be positive, not {budget}")
+        backend, threads = _settings.backend(backend), _settings.threads(threads)
+        budget = _settings.staging_budget(budget)
         ckpt = open_checkpoint(path, threads)
         plans = self._plans(ckpt, _names(ckpt, keys), device)
         groups: list[list[_TensorPlan]] = []
@@ -731,7 +729,10 @@ class ShardedLoad:
 
 
 def _names(ckpt: Any, keys: Optional[list]) -> Optional[set]:
-    return None if keys is None else set(ckpt.select(keys).names())
+    if keys is None:
+        ckpt.check_complete()  # every tensor, the index's missing ones included
+        return None
+    return set(ckpt.select(keys).names())
 
 
 def _full_bytes(plans: Sequence[_TensorPlan]) -> int:
@@ -785,7 +786,7 @@ def load_pytree(path: PathArg, abstract_tree: Any, *, mesh: Any = None, device: 
     dup = sorted(n for n, c in seen.items() if c > 1)
     if dup:
         raise PytreeMismatchError(f"several leaves of the tree name the same tensor: {', '.join(dup)}")
-    threads_n = _threads(threads)
+    threads_n = _settings.threads(threads)
     ckpt = open_checkpoint(path, threads_n)
     missing = [n for n in names if n not in ckpt]
     if missing:
@@ -810,5 +811,5 @@ def load_pytree(path: PathArg, abstract_tree: Any, *, mesh: Any = None, device: 
         raise PytreeMismatchError("the tree does not match the checkpoint: " + "; ".join(problems))
 
     loader = ShardedLoad(sharding=lambda name, _shape, _dtype: shardings[name], mesh=mesh)
-    arrays = loader._load(ckpt, set(names), device, _backend(backend), threads_n, progress, t0)
+    arrays = loader._load(ckpt, set(names), device, _settings.backend(backend), threads_n, progress, t0)
     return jax.tree_util.tree_unflatten(treedef, [arrays[n] for n in names])

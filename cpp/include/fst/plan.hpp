@@ -7,6 +7,7 @@
 #include <string_view>
 #include <memory>
 #include <mutex>
+#include <unordered_map>
 #include <vector>
 
 #include "fst/header.hpp"
@@ -34,10 +35,21 @@ struct Extent {
   std::uint64_t nbytes;
 };
 
+// What a *.safetensors.index.json says: the file of each tensor it names.
+struct IndexMap {
+  std::string path;                                       // the index itself, for errors
+  std::vector<std::string> shards;                        // file names as the index writes them, one per path
+  std::unordered_map<std::string, std::string> shard_of;  // tensor name -> one of `shards`
+};
+
 class Checkpoint {
  public:
   // Parses every header (in parallel over files) and refuses a name present in two files.
-  Checkpoint(const std::vector<std::string>& paths, unsigned threads);
+  // With an index, the checkpoint is what the index names: a tensor a file holds that the
+  // index does not name there is left out (see unindexed()), and a name the index maps to a
+  // file lacking it is an error once a selection takes it, so that a load whose keys= avoid
+  // the gap still works.
+  Checkpoint(const std::vector<std::string>& paths, unsigned threads, const IndexMap* index = nullptr);
   ~Checkpoint();
   Checkpoint(const Checkpoint&) = delete;  // the name table refers to this object
   Checkpoint& operator=(const Checkpoint&) = delete;
@@ -48,6 +60,13 @@ class Checkpoint {
   const std::vector<TensorRef>& all() const noexcept { return all_; }
   // nullptr when absent.
   const TensorRef* find(std::string_view name) const;
+  // The tensor named `name`: throws the stale-index error or KeyNotFoundError when absent.
+  TensorRef require(const std::string& name) const;
+  // Throws the stale-index error when the index names a tensor no file holds: before a
+  // load of every tensor.
+  void check_complete() const;
+  // Tensors the files hold that the index does not name, in file order.
+  const std::vector<TensorRef>& unindexed() const noexcept { return unindexed_; }
   // Tensors whose name equals one of `patterns` or matches it as a glob (*, ?, [...]),
   // in file order. A pattern without glob characters that names no tensor is an error
   // (KeyError in Python); a glob may match nothing.
@@ -61,6 +80,13 @@ class Checkpoint {
  private:
   std::vector<FileHeader> files_;
   std::vector<TensorRef> all_;
+  std::vector<TensorRef> unindexed_;
+  std::string index_path_;
+  std::unordered_map<std::string, std::uint32_t> missing_;  // name -> the file the index says holds it
+  [[noreturn]] void throw_missing(const std::string& name, std::uint32_t file) const;
+  // Throws for the first missing name `glob` matches (every one when null), if any.
+  void throw_first_missing(const std::string* glob) const;
+  void apply_index(const IndexMap& index);
   struct NameOf {
     const Checkpoint* ckpt;
     std::string_view operator()(std::uint32_t i) const;

@@ -6,10 +6,9 @@ used, so ``import fst`` pulls in neither torch nor jax.
 
 from __future__ import annotations
 
-import os
 from typing import Any, Optional, Protocol
 
-from .. import _core
+from .. import _core, _settings
 from ..errors import CudaError, UnsupportedError
 
 FRAMEWORK_ALIASES = {
@@ -64,7 +63,7 @@ def start_load(adapter: Adapter, selection: _core.Selection, device: Any, backen
         return selection.start(backend, threads, adapter.alignment, adapter.view_alignment, True)
     if backend == "mmap":
         raise UnsupportedError("backend 'mmap' gives zero-copy host views; GPU targets use pread, direct or gds")
-    request_bytes = int(os.environ.get("FST_STAGING_BUFFER", 16 << 20))
+    request_bytes = _settings.staging_buffer()
     note = ""
     if backend in ("gds", "auto"):
         from .._runtime import bundled_cufile, gds_choice
@@ -82,7 +81,7 @@ def start_load(adapter: Adapter, selection: _core.Selection, device: Any, backen
                     threads,
                     GPU_ALIGNMENT,
                     request_bytes,
-                    int(os.environ.get("FST_GDS_BUFFER", 512 << 20)),
+                    _settings.gds_buffer(),
                     bundled_cufile(),
                     gds_device=gds_device,
                 )
@@ -103,7 +102,7 @@ def start_load(adapter: Adapter, selection: _core.Selection, device: Any, backen
         "pread" if backend == "auto" else backend,
         threads,
         GPU_ALIGNMENT,
-        int(os.environ.get("FST_PINNED_BUDGET", 128 << 20)),
+        _settings.pinned_budget(),
         request_bytes,
         note=note,
         sink=sink,
