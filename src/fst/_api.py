@@ -8,7 +8,7 @@ from typing import Any, Iterable, Iterator, Optional, Union
 from . import _core, _settings
 from ._dtypes import dtype_rules
 from ._paths import PathArg, resolve_checkpoint
-from ._progress import make_progress
+from ._progress import Progress, make_progress
 from .adapters import get_adapter, start_load
 
 Keys = Optional[Union[str, Iterable[str]]]
@@ -101,7 +101,7 @@ def load(
     keys: Keys = None,
     backend: Optional[str] = None,
     threads: Optional[int] = None,
-    progress: bool = False,
+    progress: Progress = False,
     dtype: Any = None,
     process_group: Any = None,
     shard: Any = None,
@@ -117,7 +117,8 @@ def load(
     backend: "auto" (default, or $FST_BACKEND), "pread", "direct", "mmap" (host targets) or
       "gds" (GPU Direct Storage, GPU targets).
     threads: I/O threads (default: $FST_THREADS, else the usable CPUs).
-    progress: show a progress bar on a terminal.
+    progress: True for a progress bar on a terminal, or a callable (done, total) in bytes,
+      called from this thread at most about 10 times a second and last with done == total.
     dtype: convert while loading: one dtype for every floating-point tensor ("bf16",
       torch.float16, ...), or a mapping of name patterns to dtypes (integer tensors change only
       when a pattern names them). Bit-identical to torch's tensor.to().
@@ -162,7 +163,7 @@ def iter_tensors(
     keys: Keys = None,
     backend: Optional[str] = None,
     threads: Optional[int] = None,
-    progress: bool = False,
+    progress: Progress = False,
     budget: Optional[int] = None,
     dtype: Any = None,
     process_group: Any = None,
