@@ -18,7 +18,7 @@ from checkpoints import write
 torch = pytest.importorskip("torch")
 
 SRC = Path(fst.__file__).parent
-README = SRC.parents[1] / "README.md"
+README = Path(__file__).resolve().parents[1] / "README.md"  # the repository's, beside the tests
 
 
 @pytest.fixture
