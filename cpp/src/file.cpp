@@ -131,11 +131,14 @@ std::shared_ptr<const FileHandle> FileHandle::open(const std::string& path) {
   if (fd < 0 && errno == EMFILE) {
     // A checkpoint holds a descriptor per file while it lives: a many-file checkpoint may need
     // more than the default soft limit, which any process may raise up to the hard one.
+    // Headers are parsed on several threads: another one may have raised it meanwhile, so
+    // the open is tried again either way.
     struct rlimit lim;
     if (::getrlimit(RLIMIT_NOFILE, &lim) == 0 && lim.rlim_cur < lim.rlim_max) {
       lim.rlim_cur = lim.rlim_max;
-      if (::setrlimit(RLIMIT_NOFILE, &lim) == 0) fd = open_for_reading(path);
+      ::setrlimit(RLIMIT_NOFILE, &lim);
     }
+    fd = open_for_reading(path);
     if (fd < 0 && errno == EMFILE)
       throw IoError(EMFILE, "open (a checkpoint holds one descriptor per file; RLIMIT_NOFILE is " +
                                 std::to_string(lim.rlim_cur) + ")", path);
