@@ -521,7 +521,10 @@ PYBIND11_MODULE(_core, m) {
            }),
            py::arg("device"), py::arg("alignment") = 256, py::arg("host_copy_delay_us") = 0,
            py::arg("host_converts") = true)
-      .def_property_readonly("buffers_allocated", &StagingSink::buffers_allocated);
+      // Pinned buffers its pool has allocated so far (a buffer handed out again is not counted
+      // twice).
+      .def_property_readonly("buffers_allocated", [](StagingSink& s) { return s.pool().usage().allocations; })
+      .def_property_readonly("pinned_bytes", [](StagingSink& s) { return s.pool().usage().pinned_bytes; });
 
   // What GDS loads run one after another (the groups of a stream) share: registered files, the
   // registered bulk buffer, task lists. One load at a time.
@@ -609,7 +612,7 @@ PYBIND11_MODULE(_core, m) {
         p.pending = std::make_unique<StagedLoad>(s.ckpt, s.picks, opt, std::move(sink), s.targets);
         return p;
       }, py::arg("device"), py::arg("backend") = "pread", py::arg("threads") = 0, py::arg("alignment") = 256,
-         py::arg("budget") = 128u << 20, py::arg("buffer_bytes") = 16u << 20,
+         py::arg("budget") = StagingOptions{}.budget, py::arg("buffer_bytes") = StagingOptions{}.buffer_bytes,
          py::arg("host_copy_delay_us") = 0, py::arg("host_converts") = true, py::arg("host_fail_wait") = 0,
          py::arg("note") = "", py::arg("sink") = nullptr, py::arg("batch_pieces") = StagingOptions{}.batch_pieces)
       // The GDS plan itself, for tests: per window, its reads (file, offset, length, needed,
@@ -719,6 +722,25 @@ PYBIND11_MODULE(_core, m) {
         return numpy_array(it, dtypes, owner_capsule(it.owner), name);
       }, py::arg("name"), py::arg("lo") = py::none(), py::arg("hi") = py::none(), py::arg("dtypes"));
 
+  // The process-wide staging pools of the CUDA devices used so far.
+  m.def("staging_usage", [] {
+    py::list out;
+    for (const auto& [device, u] : cuda_staging_usage()) {
+      py::dict d;
+      d["device"] = device;
+      d["budget"] = u.budget;
+      d["pinned_bytes"] = u.pinned_bytes;
+      d["buffers"] = u.buffers;
+      d["in_use"] = u.in_use;
+      d["allocations"] = u.allocations;
+      out.append(d);
+    }
+    return out;
+  });
+  m.def("release_staging", [] {
+    py::gil_scoped_release release;
+    return release_cuda_staging();
+  });
   m.def("cuda_driver_info", [] {
     CudaDriverInfo i = cuda_driver_info();
     py::dict d;

@@ -34,8 +34,8 @@ struct alignas(16) uint4 {
 };
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
 
-// The funnel shift as PTX's shf.r.clamp defines it: the 64-bit pair hi:lo shifted right.
+// __funnelshift_r as CUDA defines it: hi:lo shifted right by shift mod 32, the low 32 bits.
 inline unsigned __funnelshift_r(unsigned lo, unsigned hi, unsigned shift) {
-  shift = shift > 32 ? 32 : shift;
+  shift &= 31;
   return static_cast<unsigned>(((static_cast<std::uint64_t>(hi) << 32) | lo) >> shift);
 }

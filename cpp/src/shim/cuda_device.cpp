@@ -129,6 +129,30 @@ Stream::~Stream() {
 
 void Stream::synchronize() const { check(Driver::get().cuStreamSynchronize(stream_), "cuStreamSynchronize"); }
 
+Event::Event(int device) : device_(device) {
+  ScopedDevice scope(device);
+  check(Driver::get().cuEventCreate(&event_, kEventBlockingSync | kEventDisableTiming), "cuEventCreate");
+}
+
+Event::~Event() {
+  try {
+    ScopedDevice scope(device_);
+    Driver::get().cuEventDestroy(event_);
+  } catch (...) {
+  }
+}
+
+void Event::record(CUstream stream) const { check(Driver::get().cuEventRecord(event_, stream), "cuEventRecord"); }
+
+bool Event::finished() const {
+  const CUresult r = Driver::get().cuEventQuery(event_);
+  if (r == kErrorNotReady) return false;
+  check(r, "cuEventQuery");
+  return true;
+}
+
+void Event::wait() const { check(Driver::get().cuEventSynchronize(event_), "cuEventSynchronize"); }
+
 }  // namespace fst::cuda
 
 namespace fst {

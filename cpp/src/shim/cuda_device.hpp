@@ -66,6 +66,24 @@ class Stream {
   CUstream stream_ = nullptr;
 };
 
+// An event for waiting on a stream's work: created with CU_EVENT_BLOCKING_SYNC, so a thread
+// waiting on it sleeps rather than spins (whatever scheduling flags the primary context has:
+// torch and JAX own those, and fst never changes them), and without timing, which costs.
+class Event {
+ public:
+  explicit Event(int device);
+  ~Event();
+  Event(const Event&) = delete;
+  Event& operator=(const Event&) = delete;
+  void record(CUstream stream) const;
+  bool finished() const;  // cuEventQuery: never blocks
+  void wait() const;      // cuEventSynchronize
+
+ private:
+  int device_;
+  CUevent event_ = nullptr;
+};
+
 // A task list of one kernel launch: filled in pinned host memory, copied to the device on the
 // stream before the launch. Reused only after the stream has drained (its owner waits for the
 // stream before the next upload).

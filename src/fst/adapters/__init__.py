@@ -103,7 +103,7 @@ def start_load(adapter: Adapter, selection: _core.Selection, device: Any, backen
         "pread" if backend == "auto" else backend,
         threads,
         GPU_ALIGNMENT,
-        int(os.environ.get("FST_PINNED_BUDGET", 128 << 20)),
+        int(os.environ.get("FST_PINNED_BUDGET", 256 << 20)),
         request_bytes,
         note=note,
         sink=sink,
