@@ -132,7 +132,7 @@ GdsLoad::GdsLoad(std::shared_ptr<const Checkpoint> ckpt, std::vector<Pick> selec
   std::vector<bool> opened(headers.size(), false);
   for (const Pick& p : sel) {
     if (opened[p.ref.file]) continue;
-    device_->open_file(p.ref.file, headers[p.ref.file].path);
+    device_->open_file(ckpt_, p.ref.file);
     opened[p.ref.file] = true;
   }
 
@@ -253,9 +253,14 @@ void check_no_overlap(std::vector<Span> spans, const char* kernel) {
 
 class HostGdsDevice final : public GdsDevice {
  public:
-  void open_file(std::uint32_t file, const std::string& path) override {
+  void open_file(const std::shared_ptr<const Checkpoint>& ckpt, std::uint32_t file) override {
+    if (ckpt != ckpt_) {
+      files_.clear();
+      ckpt_ = ckpt;
+    }
     if (files_.size() <= file) files_.resize(file + 1);
-    if (files_[file].valid() && files_[file].path() == path) return;
+    if (files_[file].valid()) return;
+    const std::string& path = ckpt->files()[file].path;
     int err = 0;
     files_[file] = detail::PosixFile::try_open(path, O_RDONLY | O_DIRECT, err);
     if (!files_[file].valid()) {
@@ -335,6 +340,7 @@ class HostGdsDevice final : public GdsDevice {
   std::string describe() const override { return "host memory, O_DIRECT reads (test device)"; }
 
  private:
+  std::shared_ptr<const Checkpoint> ckpt_;  // whose files files_ holds
   std::vector<detail::PosixFile> files_;
   std::unique_ptr<HostArena> bulk_;
   std::size_t most_moves_ = 0, most_converts_ = 0;

@@ -568,6 +568,7 @@ CUresult fake_cuLaunchKernel(void* fn, unsigned gx, unsigned gy, unsigned gz, un
   return kSuccess;
 }
 CUresult fake_cuGetErrorString(CUresult r, const char** text) {
+  log_call("cuGetErrorString", "error=%d", r);
   switch (r) {
     case kOutOfMemory: *text = "out of memory"; break;
     case 100: *text = "no CUDA-capable device is detected"; break;

@@ -19,8 +19,10 @@ inline CUdeviceptr device_address(const Buffer& b) noexcept {
   return static_cast<CUdeviceptr>(reinterpret_cast<std::uintptr_t>(b.data()));
 }
 
-// One cuMemAlloc'ed block in the primary context of `device`, freed when its last reference
-// goes. Running out of memory is a CudaError naming the bytes needed and free.
+// One cuMemAlloc'ed block in the primary context of `device`. When its last reference goes it
+// is handed to fst's freeing thread, which frees it after the context's earlier work (the
+// caller never waits). Running out of memory, after the frees under way, is a CudaError naming
+// the bytes needed and free.
 std::shared_ptr<Buffer> make_device_arena(int device, std::uint64_t bytes);
 
 // A batched kernel of the embedded fatbins (see detail/kernel_abi.hpp), loaded once per device.

@@ -43,12 +43,15 @@ class CufileDevice final : public GdsDevice {
     files_.clear();
   }
 
-  void open_file(std::uint32_t file, const std::string& path) override {
+  void open_file(const std::shared_ptr<const Checkpoint>& ckpt, std::uint32_t file) override {
     ScopedDevice scope(device_);
+    if (ckpt != ckpt_) {
+      files_.clear();
+      ckpt_ = ckpt;
+    }
     if (files_.size() <= file) files_.resize(file + 1);
-    if (files_[file] && files_[file]->path() == path) return;  // registered by an earlier load
-    files_[file].reset();
-    files_[file] = std::make_unique<cufile::RegisteredFile>(lib_, path);
+    if (files_[file]) return;  // registered by an earlier load of this checkpoint
+    files_[file] = std::make_unique<cufile::RegisteredFile>(lib_, ckpt->files()[file].path);
   }
 
   std::shared_ptr<Buffer> allocate(std::uint64_t bytes) override { return make_device_arena(device_, bytes); }
@@ -127,6 +130,7 @@ class CufileDevice final : public GdsDevice {
   int device_;
   const cufile::Library& lib_;
   std::shared_ptr<cufile::Session> session_;
+  std::shared_ptr<const Checkpoint> ckpt_;  // whose files files_ holds
   std::vector<std::unique_ptr<cufile::RegisteredFile>> files_;  // by file number
   std::shared_ptr<Buffer> bulk_memory_;
   std::optional<cufile::RegisteredBuffer> registration_;
