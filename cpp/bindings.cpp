@@ -722,6 +722,28 @@ PYBIND11_MODULE(_core, m) {
         return numpy_array(it, dtypes, owner_capsule(it.owner), name);
       }, py::arg("name"), py::arg("lo") = py::none(), py::arg("hi") = py::none(), py::arg("dtypes"));
 
+  // Host bytes (any contiguous buffer) onto CUDA device `device` (or, device = -1, into host
+  // memory through the host sink) through the pinned staging pool: one U8 tensor.
+  m.def("stage_to_device", [](int device, py::buffer data, std::uint64_t budget, std::uint64_t buffer_bytes) {
+    py::buffer_info info = data.request();
+    if (!PyBuffer_IsContiguous(info.view(), 'C')) throw py::value_error("stage_to_device needs a contiguous buffer");
+    const auto bytes = static_cast<std::uint64_t>(info.size * info.itemsize);
+    StagingOptions opt;
+    opt.budget = budget;
+    opt.buffer_bytes = buffer_bytes;
+    std::shared_ptr<StagingSink> sink;
+    std::shared_ptr<Buffer> arena;
+    {
+      py::gil_scoped_release release;  // `info` keeps the buffer alive and unchanged in size
+      sink = make_staging_sink(device, 256, 0, true, 0);
+      arena = stage_host_bytes(*sink, static_cast<const std::byte*>(info.ptr), bytes, opt);
+      sink.reset();
+    }
+    ExportItem item{arena, arena->data(), Dtype::U8, {static_cast<std::int64_t>(bytes)}, Dtype::U8, ExportDevice{}};
+    if (device >= 0) item.device = ExportDevice{ExportDevice::kCUDA, device};
+    return DLPackTensor(std::move(item));
+  }, py::arg("device"), py::arg("data"), py::arg("budget") = StagingOptions{}.budget,
+     py::arg("buffer_bytes") = StagingOptions{}.buffer_bytes);
   // The process-wide staging pools of the CUDA devices used so far.
   m.def("staging_usage", [] {
     py::list out;

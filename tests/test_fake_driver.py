@@ -323,3 +323,18 @@ except fst.CudaError:
         resolved |= {c["name"] for c in calls if c["fn"] == "cuGetProcAddress"}
         called |= {c["fn"] for c in calls}
     assert resolved and not [c for c in resolved if c not in called], sorted(resolved - called)
+
+
+def test_host_bytes_reach_the_device_through_the_pinned_pool(fake):
+    """What a gloo collective delivered on the CPU goes to the GPU chunk by chunk through the
+    pool's pinned buffers (distributed loads with a CUDA target use this)."""
+    got, calls = fake.run(READBACK + """
+data = os.urandom(5 * 65536 + 123)
+t = fst._core.stage_to_device(0, data, 4 * 65536, 65536)
+print(json.dumps({"same": device_bytes(t.data_ptr, len(data)) == data, "shape": t.shape,
+                  "device": t.__dlpack_device__()}))
+""")
+    assert got == {"same": True, "shape": [5 * 65536 + 123], "device": [2, 0]}, got
+    copies = [c for c in calls if c["fn"] == "cuMemcpyHtoDAsync"]
+    assert len(copies) == 6 and all(c["pinned"] == "1" for c in copies)
+    assert sum(c["fn"] == "cuMemHostAlloc" for c in calls) <= 4  # within the budget

@@ -466,6 +466,31 @@ LoadedTensors StagedLoad::wait(const std::function<bool()>& tick, int tick_ms) {
   return std::move(result_);
 }
 
+std::shared_ptr<Buffer> stage_host_bytes(StagingSink& sink, const std::byte* src, std::uint64_t bytes,
+                                         const StagingOptions& opt) {
+  const StagingShape shape = staging_shape(opt);
+  sink.pool().set_budget(opt.budget);
+  std::shared_ptr<Buffer> dest = sink.allocate(bytes);
+  sink.bind_thread();
+  const std::uint64_t chunk = std::min<std::uint64_t>(shape.buffer_bytes, std::max<std::uint64_t>(bytes, 1));
+  const std::uint64_t base = reinterpret_cast<std::uintptr_t>(dest->data());
+  for (std::uint64_t at = 0; at < bytes; at += chunk) {
+    const std::uint64_t n = std::min(chunk, bytes - at);
+    const unsigned slot = sink.acquire(chunk);
+    try {
+      std::memcpy(sink.buffer(slot), src + at, n);
+      sink.copy_async(slot, base + at, sink.buffer(slot), n);
+    } catch (...) {
+      sink.release(slot);
+      sink.wait_all();
+      throw;
+    }
+    sink.release(slot);
+  }
+  sink.wait_all();
+  return dest;
+}
+
 // ---------------------------------------------------------------- host sink ------------
 
 namespace {

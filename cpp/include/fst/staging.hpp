@@ -221,6 +221,14 @@ class StagedLoad final : public AsyncLoad {
   double started_ = 0;
 };
 
+// Copies `bytes` bytes of host memory at `src` into a new destination arena of `sink` through
+// its pool's pinned buffers (chunks of at most opt.buffer_bytes, memcpy'd in while earlier
+// chunks are copying), and returns the arena once every copy has finished. For bytes already in
+// pageable host memory, such as what a collective delivered on the CPU: they reach the device
+// through pinned memory, never by the driver staging pageable memory itself.
+std::shared_ptr<Buffer> stage_host_bytes(StagingSink& sink, const std::byte* src, std::uint64_t bytes,
+                                         const StagingOptions& opt);
+
 // The sink for checking the pipeline without a GPU, with a pool of its own: the destination is
 // host memory and copies (and conversions, with the host twins of the kernels, unless
 // `converts` is false) run on a background thread, in order, each started `copy_delay_us` late
