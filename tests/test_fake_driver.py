@@ -338,3 +338,11 @@ print(json.dumps({"same": device_bytes(t.data_ptr, len(data)) == data, "shape": 
     copies = [c for c in calls if c["fn"] == "cuMemcpyHtoDAsync"]
     assert len(copies) == 6 and all(c["pinned"] == "1" for c in copies)
     assert sum(c["fn"] == "cuMemHostAlloc" for c in calls) <= 4  # within the budget
+
+
+def test_a_tiny_load_pins_a_small_buffer(fake, tmp_path):
+    """A 4 KiB tensor does not pin a 16 MiB staging buffer: buffers fit the load's reads."""
+    path = write(tmp_path / "tiny.safetensors", [("w", "F32", [1024])])
+    _, calls = fake.run(f"fst.open_checkpoint({str(path)!r}).select(None).start_staged(0).wait()")
+    pinned = [int(c["bytes"]) for c in calls if c["fn"] == "cuMemHostAlloc"]
+    assert pinned and max(pinned) <= 64 << 10, pinned
