@@ -1,7 +1,7 @@
-// Stage: the path to device memory. Reads land in a ring of pinned host buffers; each filled
-// buffer is copied to the device asynchronously on its own lane (a CUDA stream) while the
-// threads read the next requests into the other buffers. Pinned memory stays within a fixed
-// budget whatever the checkpoint size, and pageable memory is never on the way to the device.
+// Stage: the path to device memory. Reads land in pinned host buffers from a pool that every
+// load to the device shares; each filled buffer is copied to the device asynchronously on its
+// own stream while the readers fill other buffers. Pinned memory stays within a fixed budget
+// whatever the checkpoint size, and pageable memory is never on the way to the device.
 #pragma once
 
 #include <atomic>
