@@ -688,6 +688,16 @@ PYBIND11_MODULE(_core, m) {
       .def("metadata", &PyCheckpoint::metadata, py::arg("file") = 0)
       .def("header_len", [](const PyCheckpoint& c, std::size_t i) { return c.file(i).header_len; })
       .def("file_size", [](const PyCheckpoint& c, std::size_t i) { return c.file(i).file_size; })
+      .def("fd", [](const PyCheckpoint& c, std::size_t i) {
+        // The descriptor file i's header was read from, owned by the checkpoint (never close it):
+        // for hints such as posix_fadvise that must reach the parsed version, not the path.
+        return c.file(i).file->fd();
+      })
+      .def("identity", [](const PyCheckpoint& c, std::size_t i) {
+        // (device, inode, size, mtime_ns) of the version of file i whose header was parsed.
+        const FileIdentity& id = c.file(i).file->identity();
+        return py::make_tuple(id.device, id.inode, id.size, id.mtime_ns);
+      })
       .def_property_readonly("nbytes", [](const PyCheckpoint& c) {
         std::uint64_t n = 0;
         for (const auto& f : c.ckpt->files()) n += f.data_size();

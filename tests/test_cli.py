@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -171,6 +172,21 @@ def test_demo_end_to_end():
     assert "bit-identical to safetensors" in r.stdout
     for framework in bm.available_frameworks():
         assert any(line.startswith(framework) and line.rstrip().endswith("yes") for line in r.stdout.splitlines())
+
+
+def test_demo_names_a_framework_it_could_not_use(tmp_path):
+    # A jax that is installed but broken shadows the real one: the demo must say so, run the
+    # other frameworks, and not claim jax was compared.
+    fake = tmp_path / "shadow" / "jax"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('this jax is broken on purpose')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fake.parent), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-m", "fst", "demo", "--size", "4MiB"], capture_output=True, text=True,
+                       env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "not run: jax: installed but failed to import: ImportError: this jax is broken on purpose" in r.stdout
+    assert not any(line.startswith("jax") for line in r.stdout.splitlines())
+    assert any(line.startswith("numpy") and line.rstrip().endswith("yes") for line in r.stdout.splitlines())
 
 
 def test_bench_plot_and_json(tmp_path):

@@ -232,6 +232,14 @@ def checkpoint(tmp_path):
     return make_checkpoint(tmp_path / "ckpt")
 
 
+@pytest.mark.parametrize("strategy", ["auto", "collective"])
+def test_ranks_on_one_machine_refuse_different_versions_of_a_file(tmp_path, checkpoint, strategy):
+    results = spawn(tmp_path, "versions", 2, strategy=strategy)
+    for res in results:
+        assert res["error"] is not None and res["error"]["type"] == "DistributedLoadError", res
+        assert "parsed different versions" in res["error"]["message"]
+
+
 @pytest.mark.parametrize("ws", [2, 4])
 def test_every_rank_gets_its_shards(tmp_path, checkpoint, ws):
     if ws == 4:
@@ -636,6 +644,27 @@ def _scenario_dead(rank, ws, tmp, results):
     attempt("dead", None)      # rank 1 has exited: its connections are closed
 
 
+def _scenario_versions(rank, ws, tmp, results):
+    """Rank 1 parses the checkpoint after one of its files was replaced under the same name
+    (same bytes, a new inode); rank 0 parsed it before. Both must refuse, naming the cause."""
+    import shutil
+
+    import torch.distributed as dist
+
+    folder = tmp / "ckpt"
+    victim = sorted(folder.glob("*.safetensors"))[0]
+    dist.barrier()
+    if rank == 1:
+        time.sleep(1.0)  # rank 0 has parsed by now and waits in the agreement
+        shutil.copyfile(victim, tmp / "copy.safetensors")
+        os.replace(tmp / "copy.safetensors", victim)
+    try:
+        fst.load(folder, framework="torch", shard=SHARD)
+        results["error"] = None
+    except Exception as exc:  # noqa: BLE001
+        results["error"] = {"type": type(exc).__name__, "message": str(exc)}
+
+
 def _scenario_cuda(rank, ws, tmp, results):
     folder = tmp / "ckpt"
     ref, order = _reference(folder), _file_order(folder)
@@ -675,7 +704,7 @@ def _worker(scenario: str, rank: str, ws: str, port: str, tmp: str, out: str) ->
     results = {"rank": rank_i, "cases": [], "ok": 0, "expected_ok": 0}
     run = {"main": _scenario_main, "errors": _scenario_errors, "dead": _scenario_dead,
            "cuda": _scenario_cuda, "nccl": _scenario_cuda, "local": _scenario_local,
-           "gloo_cuda": _scenario_gloo_cuda}[scenario]
+           "gloo_cuda": _scenario_gloo_cuda, "versions": _scenario_versions}[scenario]
     run(rank_i, ws_i, Path(tmp), results)
     Path(out, f"{rank}.json").write_text(json.dumps(results))
     if scenario == "dead":

@@ -1,4 +1,5 @@
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <cstdlib>
@@ -48,16 +49,28 @@ HostArena::~HostArena() {
   else std::free(data_);
 }
 
-FileMapping::FileMapping(int fd, std::size_t size, const std::string& path) {
-  size_ = size;
-  if (size == 0) return;
-  void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
-  if (p == MAP_FAILED) throw IoError(errno, "mmap", path);
-  data_ = static_cast<std::byte*>(p);
+std::shared_ptr<FileMapping> FileMapping::try_map(int fd, std::uint64_t offset, std::uint64_t length) {
+  std::shared_ptr<FileMapping> map(new FileMapping());
+  const std::uint64_t page = static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE));
+  map->first_ = offset / page * page;
+  map->size_ = offset + length - map->first_;
+  if (length == 0) {
+    // Empty tensors still point at a real (never read) address.
+    alignas(4096) static std::byte nothing[1];
+    map->data_ = nothing;
+    map->size_ = 0;
+    map->first_ = offset;
+    return map;
+  }
+  void* p = ::mmap(nullptr, map->size_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_NORESERVE, fd,
+                   static_cast<off_t>(map->first_));
+  if (p == MAP_FAILED) return nullptr;
+  map->data_ = static_cast<std::byte*>(p);
+  return map;
 }
 
 FileMapping::~FileMapping() {
-  if (data_) ::munmap(data_, size_);
+  if (size_) ::munmap(data_, size_);
 }
 
 }  // namespace fst

@@ -132,7 +132,8 @@ GdsLoad::GdsLoad(std::shared_ptr<const Checkpoint> ckpt, std::vector<Pick> selec
   std::vector<bool> opened(headers.size(), false);
   for (const Pick& p : sel) {
     if (opened[p.ref.file]) continue;
-    device_->open_file(ckpt_, p.ref.file);
+    headers[p.ref.file].file->check_unchanged();
+    device_->open_file(p.ref.file, headers[p.ref.file].file);
     opened[p.ref.file] = true;
   }
 
@@ -253,20 +254,20 @@ void check_no_overlap(std::vector<Span> spans, const char* kernel) {
 
 class HostGdsDevice final : public GdsDevice {
  public:
-  void open_file(const std::shared_ptr<const Checkpoint>& ckpt, std::uint32_t file) override {
-    if (ckpt != ckpt_) {
-      files_.clear();
-      ckpt_ = ckpt;
+  void open_file(std::uint32_t file, std::shared_ptr<const FileHandle> source) override {
+    if (files_.size() <= file) {
+      files_.resize(file + 1);
+      sources_.resize(file + 1);
     }
-    if (files_.size() <= file) files_.resize(file + 1);
-    if (files_[file].valid()) return;
-    const std::string& path = ckpt->files()[file].path;
+    if (files_[file].valid() && sources_[file] == source) return;
     int err = 0;
-    files_[file] = detail::PosixFile::try_open(path, O_RDONLY | O_DIRECT, err);
+    files_[file] = detail::PosixFile::try_reopen(*source, O_RDONLY | O_DIRECT, err);
     if (!files_[file].valid()) {
-      if (err == EINVAL) throw UnsupportedError("'" + path + "': the file system does not support O_DIRECT");
-      throw IoError(err, "open (O_DIRECT)", path);
+      if (err == EINVAL)
+        throw UnsupportedError("'" + source->path() + "': the file system does not support O_DIRECT");
+      throw IoError(err, "open (O_DIRECT)", source->path());
     }
+    sources_[file] = std::move(source);
   }
   std::shared_ptr<Buffer> allocate(std::uint64_t bytes) override {
     return std::make_shared<HostArena>(bytes, kPage);
@@ -340,8 +341,8 @@ class HostGdsDevice final : public GdsDevice {
   std::string describe() const override { return "host memory, O_DIRECT reads (test device)"; }
 
  private:
-  std::shared_ptr<const Checkpoint> ckpt_;  // whose files files_ holds
   std::vector<detail::PosixFile> files_;
+  std::vector<std::shared_ptr<const FileHandle>> sources_;  // what each of files_ was reopened from
   std::unique_ptr<HostArena> bulk_;
   std::size_t most_moves_ = 0, most_converts_ = 0;
   std::mutex mu_;  // reads on the pool's threads check queued_

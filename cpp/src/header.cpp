@@ -353,13 +353,13 @@ FileHeader parse_header(std::string path, std::string_view json, std::uint64_t f
 }
 
 FileHeader read_header(const std::string& path) {
-  detail::PosixFile file(path, O_RDONLY);
-  std::uint64_t size = file.size();
+  auto file = FileHandle::open(path);
+  const std::uint64_t size = file->identity().size;
   if (size < 8)
     throw HeaderError(path, "", HeaderRule::HeaderTooSmall,
                       "the file has " + std::to_string(size) + " bytes, fewer than the 8-byte length");
   unsigned char len_bytes[8];
-  file.read_exact(len_bytes, 8, 0);
+  detail::read_exact(file->fd(), path, len_bytes, 8, 0);
   std::uint64_t n = 0;
   for (int i = 7; i >= 0; --i) n = (n << 8) | len_bytes[i];
   if (n > kMaxHeaderLen)
@@ -371,8 +371,10 @@ FileHeader read_header(const std::string& path) {
                       "header length " + std::to_string(n) + " runs past the end of the file (" +
                           std::to_string(size) + " bytes)");
   std::string json(n, '\0');
-  file.read_exact(json.data(), n, 8);
-  return parse_header(path, json, size);
+  detail::read_exact(file->fd(), path, json.data(), n, 8);
+  FileHeader header = parse_header(path, json, size);
+  header.file = std::move(file);
+  return header;
 }
 
 }  // namespace fst

@@ -132,13 +132,13 @@ std::string percent(double share) {
 }
 
 bool direct_io_supported(const std::string& path, int& err) {
+  // A probe of where a path's file lives (its file system), not a read of its data.
   auto f = detail::PosixFile::try_open(path, O_RDONLY | O_DIRECT, err);
   return f.valid();
 }
 
 struct PendingLoad::Files {
-  std::vector<detail::PosixFile> files;                 // opened lazily, one per checkpoint file
-  std::vector<std::shared_ptr<FileMapping>> maps;
+  std::vector<detail::PosixFile> direct;                // O_DIRECT descriptors, direct backend only
   std::vector<std::unique_ptr<HostArena>> bounce;       // per worker, direct backend only
 };
 
@@ -156,13 +156,13 @@ PendingLoad::PendingLoad(std::shared_ptr<const Checkpoint> ckpt, std::vector<Pic
   }
   result_.data.assign(sel.size(), nullptr);
   result_.owner_of.assign(sel.size(), 0);
-  files_->files.resize(headers.size());
-  files_->maps.resize(headers.size());
 
   std::vector<bool> used(headers.size(), false);
   for (const Pick& p : sel) used[p.ref.file] = true;
+  // Every read goes through the descriptors the headers were read from; a file rewritten or
+  // truncated in place since then is refused here, before anything is mapped or read.
   for (std::size_t f = 0; f < headers.size(); ++f)
-    if (used[f]) files_->files[f] = detail::PosixFile(headers[f].path, O_RDONLY);
+    if (used[f]) headers[f].file->check_unchanged();
 
   Backend backend = opt_.backend;
   if (backend == Backend::Gds) throw UnsupportedError(kGdsNeedsGpu);
@@ -179,7 +179,7 @@ PendingLoad::PendingLoad(std::shared_ptr<const Checkpoint> ckpt, std::vector<Pic
       // queue) rather than page by page as the tensors are first touched.
       std::vector<int> fds(headers.size(), -1);
       for (std::size_t f = 0; f < headers.size(); ++f)
-        if (used[f]) fds[f] = files_->files[f].fd();
+        if (used[f]) fds[f] = headers[f].file->fd();
       st.resident = data_residency(*ckpt_, fds);
       backend = Backend::Mmap;
       read_ahead = st.resident < opt_.resident_for_mmap;
@@ -228,7 +228,7 @@ void PendingLoad::start_views(bool read_ahead) {
     }
     for (const auto& [file, span] : spans) {
       for (std::uint64_t off = 0; off < span.nbytes; off += kChunk) {
-        const int fd = files_->files[file].fd();
+        const int fd = headers[file].file->fd();
         const std::uint64_t at = span.offset + off, len = std::min(kChunk, span.nbytes - off);
         pool_->submit(group_, [fd, at, len](unsigned) {
           ::posix_fadvise(fd, static_cast<off_t>(at), static_cast<off_t>(len), POSIX_FADV_WILLNEED);
@@ -236,20 +236,31 @@ void PendingLoad::start_views(bool read_ahead) {
       }
     }
   }
+  // One mapping per file, of the range its selected tensors span: memory is reserved for what
+  // the load selects, not for the file (which may be larger than memory).
+  std::vector<std::uint64_t> lo(headers.size(), UINT64_MAX), hi(headers.size(), 0);
+  for (const Pick& p : sel) {
+    const Extent e = ckpt_->extent(p);
+    lo[p.ref.file] = std::min(lo[p.ref.file], e.offset);
+    hi[p.ref.file] = std::max(hi[p.ref.file], e.offset + e.nbytes);
+  }
+  std::vector<std::shared_ptr<FileMapping>> maps(headers.size());
   std::vector<std::uint32_t> owner_index(headers.size(), UINT32_MAX);
+  for (std::size_t f = 0; f < headers.size(); ++f) {
+    if (lo[f] == UINT64_MAX) continue;
+    // Null when the kernel refuses the mapping (strict overcommit): those tensors are read.
+    maps[f] = FileMapping::try_map(headers[f].file->fd(), lo[f], hi[f] - lo[f]);
+    if (!maps[f]) continue;
+    owner_index[f] = static_cast<std::uint32_t>(result_.owners.size());
+    result_.owners.push_back(maps[f]);
+  }
   std::vector<Pick> copies;                // tensors whose file address is not aligned enough
   std::vector<std::size_t> copy_slots;
   for (std::size_t i = 0; i < sel.size(); ++i) {
     const TensorRef r = sel[i].ref;
-    if (owner_index[r.file] == UINT32_MAX) {
-      files_->maps[r.file] = std::make_shared<FileMapping>(files_->files[r.file].fd(),
-                                                           headers[r.file].file_size, headers[r.file].path);
-      owner_index[r.file] = static_cast<std::uint32_t>(result_.owners.size());
-      result_.owners.push_back(files_->maps[r.file]);
-    }
-    std::byte* p = files_->maps[r.file]->data() + ckpt_->extent(sel[i]).offset;
+    std::byte* p = maps[r.file] ? maps[r.file]->at(ckpt_->extent(sel[i]).offset) : nullptr;
     std::uint64_t need = opt_.view_alignment ? opt_.view_alignment : dtype_align(ckpt_->entry(r).dtype);
-    if (reinterpret_cast<std::uintptr_t>(p) % need == 0) {
+    if (p && reinterpret_cast<std::uintptr_t>(p) % need == 0) {
       result_.data[i] = p;
       result_.owner_of[i] = owner_index[r.file];
     } else {
@@ -277,7 +288,7 @@ void PendingLoad::start_views(bool read_ahead) {
   std::byte* base = arena->data();
   for (const ReadRequest& req : plan_.requests) {
     pool_->submit(group_, [this, &req, base](unsigned) {
-      const auto& file = files_->files[req.file];
+      const FileHandle& file = *ckpt_->files()[req.file].file;
       populate_for(req);
       read_scattered(file.fd(), file.path(), req, plan_.pieces.data() + req.first_piece, base);
       done_.fetch_add(req.length, std::memory_order_relaxed);
@@ -311,7 +322,7 @@ void PendingLoad::start_reads(bool direct) {
           const ReadRequest& req = plan_.requests[i];
           auto& file = own[req.file];
           if (!file.valid()) {
-            file = detail::PosixFile(ckpt_->files()[req.file].path, O_RDONLY);
+            file = detail::PosixFile::reopen(*ckpt_->files()[req.file].file, O_RDONLY);
             ::posix_fadvise(file.fd(), 0, 0, POSIX_FADV_SEQUENTIAL);
           }
           populate_for(req);
@@ -324,24 +335,24 @@ void PendingLoad::start_reads(bool direct) {
   }
 
   // O_DIRECT: aligned reads into a per-worker bounce buffer, then scattered into the slots.
-  std::vector<detail::PosixFile> direct_files(headers.size());
-  for (std::size_t f = 0; f < headers.size(); ++f) {
-    if (!files_->files[f].valid()) continue;
+  auto& direct_files = files_->direct;
+  direct_files.resize(headers.size());
+  for (const Pick& p : sel) {
+    const std::uint32_t f = p.ref.file;
+    if (direct_files[f].valid()) continue;
     int err = 0;
-    direct_files[f] = detail::PosixFile::try_open(headers[f].path, O_RDONLY | O_DIRECT, err);
+    direct_files[f] = detail::PosixFile::try_reopen(*headers[f].file, O_RDONLY | O_DIRECT, err);
     if (!direct_files[f].valid())
       throw UnsupportedError("backend 'direct': O_DIRECT open of '" + headers[f].path +
                              "' failed: " + std::strerror(err));
   }
-  for (std::size_t f = 0; f < headers.size(); ++f)
-    if (direct_files[f].valid()) files_->files[f] = std::move(direct_files[f]);
   files_->bounce.resize(pool_->size());
   const std::uint64_t bounce_size = opt_.max_request + 2 * detail::kDirectAlign;
   for (const ReadRequest& req : plan_.requests) {
     pool_->submit(group_, [this, &req, base, bounce_size](unsigned worker) {
       auto& bounce = files_->bounce[worker];
       if (!bounce) bounce = std::make_unique<HostArena>(bounce_size, detail::kDirectAlign);
-      const auto& file = files_->files[req.file];
+      const auto& file = files_->direct[req.file];
       const std::byte* src = file.read_direct(bounce->data(), req.length, req.offset);
       populate_for(req);
       const Piece* pieces = plan_.pieces.data() + req.first_piece;

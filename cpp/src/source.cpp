@@ -10,8 +10,10 @@
 namespace fst {
 
 struct TensorSource::State {
-  std::vector<detail::PosixFile> files;
+  // One mapping per file, made on the first view of it; null once the kernel refused it
+  // (strict overcommit and a file larger than the commit limit): tensors are read then.
   std::vector<std::shared_ptr<FileMapping>> maps;
+  std::vector<bool> map_tried;
   // Tensors already handed out as views: a second request gets a copy, so two tensors from
   // one source never alias (a write into one must not show in the other).
   std::mutex mu;
@@ -21,8 +23,8 @@ struct TensorSource::State {
 TensorSource::TensorSource(std::shared_ptr<const Checkpoint> ckpt, const ReadOptions& options)
     : ckpt_(std::move(ckpt)), opt_(options), state_(std::make_unique<State>()) {
   const auto& headers = ckpt_->files();
-  for (const auto& h : headers) state_->files.emplace_back(h.path, O_RDONLY);
   state_->maps.resize(headers.size());
+  state_->map_tried.assign(headers.size(), false);
   backend_ = opt_.backend;
   if (backend_ == Backend::Gds) throw UnsupportedError(kGdsNeedsGpu);
   if (backend_ == Backend::Mmap && !opt_.allow_views)
@@ -31,7 +33,7 @@ TensorSource::TensorSource(std::shared_ptr<const Checkpoint> ckpt, const ReadOpt
     if (opt_.allow_views) {
       // As the reference does: views of a private mapping, paged in when first touched.
       std::vector<int> fds;
-      for (const auto& f : state_->files) fds.push_back(f.fd());
+      for (const auto& h : headers) fds.push_back(h.file->fd());
       backend_ = Backend::Mmap;
       reason_ = percent(data_residency(*ckpt_, fds)) + " of the data is in the page cache: zero-copy mmap";
     } else {
@@ -41,9 +43,6 @@ TensorSource::TensorSource(std::shared_ptr<const Checkpoint> ckpt, const ReadOpt
   } else {
     reason_ = "requested";
   }
-  if (backend_ == Backend::Mmap)
-    for (std::size_t f = 0; f < headers.size(); ++f)
-      state_->maps[f] = std::make_shared<FileMapping>(state_->files[f].fd(), headers[f].file_size, headers[f].path);
 }
 
 TensorSource::~TensorSource() = default;
@@ -53,17 +52,27 @@ TensorSource::Rows TensorSource::get(const Pick& pick) const {
   const TensorEntry& e = ckpt_->entry(ref);
   const Extent ext = ckpt_->extent(pick);
   const std::uint64_t offset = ext.offset, len = ext.nbytes;
+  const FileHeader& header = ckpt_->files()[ref.file];
+  // Each read reaches the version of the file whose header was parsed; one rewritten or
+  // truncated in place since then is refused (a mapping of it would die of SIGBUS).
+  header.file->check_unchanged();
   if (backend_ == Backend::Mmap) {
-    const auto& map = state_->maps[ref.file];
-    std::byte* p = map->data() + offset;
+    std::lock_guard<std::mutex> lock(state_->mu);
+    auto& map = state_->maps[ref.file];
+    if (!state_->map_tried[ref.file]) {
+      state_->map_tried[ref.file] = true;
+      map = FileMapping::try_map(header.file->fd(), header.data_start(), header.data_size());
+    }
     std::uint64_t need = opt_.view_alignment ? opt_.view_alignment : dtype_align(e.dtype);
-    if (reinterpret_cast<std::uintptr_t>(p) % need == 0) {
-      std::lock_guard<std::mutex> lock(state_->mu);
-      if (state_->viewed.insert((std::uint64_t{ref.file} << 32) | ref.index).second) return Rows{map, p};
+    if (map) {
+      std::byte* p = map->at(offset);
+      if (reinterpret_cast<std::uintptr_t>(p) % need == 0 &&
+          state_->viewed.insert((std::uint64_t{ref.file} << 32) | ref.index).second)
+        return Rows{map, p};
     }
   }
   auto arena = std::make_shared<HostArena>(len, opt_.alignment);
-  if (len) state_->files[ref.file].read_exact(arena->data(), len, offset);
+  if (len) detail::read_exact(header.file->fd(), header.path, arena->data(), len, offset);
   return Rows{arena, arena->data()};
 }
 

@@ -336,8 +336,10 @@ StagedLoad::StagedLoad(std::shared_ptr<const Checkpoint> ckpt, std::vector<Pick>
   for (const Pick& p : sel) {
     auto& f = files_->files[p.ref.file];
     if (f.valid()) continue;
+    // Reopened from the descriptor the header was read from, never from the path.
+    headers[p.ref.file].file->check_unchanged();
     int err = 0;
-    f = detail::PosixFile::try_open(headers[p.ref.file].path, flags, err);
+    f = detail::PosixFile::try_reopen(*headers[p.ref.file].file, flags, err);
     if (!f.valid()) {
       if (opt_.backend == Backend::Direct && err == EINVAL)
         throw UnsupportedError("backend 'direct': O_DIRECT open of '" + headers[p.ref.file].path +

@@ -421,6 +421,21 @@ def available_frameworks() -> list[str]:
     return [fw for fw in FRAMEWORKS if installed(_FRAMEWORK_MODULE[fw])]
 
 
+def framework_problem(framework: str) -> Optional[str]:
+    """None when `framework` imports here, else why not (and how to get it).
+
+    Imports the framework: a package that is installed but broken (a CUDA build without its
+    libraries, a mismatched companion package) must be named as such, not tried and crashed on."""
+    module = _FRAMEWORK_MODULE[framework]
+    if not installed(module):
+        return f"not installed (pip install \"fst[{framework}]\")" if framework != "numpy" else "not installed"
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # any failure to import is the reason, whatever its type
+        return f"installed but failed to import: {type(exc).__name__}: {exc}"
+    return None
+
+
 def loader_status(loader: str, framework: str) -> Optional[str]:
     """None when `loader` can run for `framework` here, else why not."""
     if loader not in LOADERS:

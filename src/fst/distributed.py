@@ -519,18 +519,19 @@ def _boot_id() -> str:
         return ""
 
 
-def _locality(files: list) -> bytes:
-    """A digest that ranks share exactly when they run on one machine (one boot of one kernel)
-    and see the same files (device, inode, size, modification time): their reads then go
-    through one page cache. Empty where the machine cannot be told apart."""
+def _locality(ckpt) -> bytes:
+    """32 bytes: 16 that ranks share exactly when they run on one machine (one boot of one
+    kernel), 8 that they share when they name the same files, and 8 when they parsed the same
+    versions of them (device, inode, size, modification time of the descriptors the headers
+    were read from). Ranks that share all of it read through one page cache. Ranks on one
+    machine that name the same files but parsed other versions saw a file replaced between
+    their opens. The machine part is zero where the machine cannot be told apart; across
+    machines, versions are not compared (inode numbers mean nothing there)."""
     boot = _boot_id()
-    if not boot:
-        return b""
-    desc = [boot, socket.gethostname()]
-    for f in files:
-        st = os.stat(f)
-        desc.append([st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns])
-    return hashlib.sha256(json.dumps(desc).encode()).digest()
+    machine = hashlib.sha256(json.dumps([boot, socket.gethostname()]).encode()).digest()[:16] if boot else b""
+    names = hashlib.sha256(json.dumps([os.path.abspath(f) for f in ckpt.files]).encode()).digest()[:8]
+    versions = [ckpt.identity(i) for i in range(len(ckpt.files))]
+    return machine.ljust(16, b"\0") + names + hashlib.sha256(json.dumps(versions).encode()).digest()[:8]
 
 
 
@@ -578,14 +579,13 @@ class _Run:
                 chosen = set(ckpt.select(keys).names())
                 entries = [e for e in entries if e[0] in chosen]
             plan = make_plan(entries, owner.rules, self.ws, budget)
-            if strategy != "collective" and target.type == "cpu":
-                place = _locality(ckpt.files)
+            place = _locality(ckpt)
         except Exception as exc:  # reported to every rank before raising
             error = exc
         # The strategy is part of what the ranks must agree on: a rank mapping while another
         # waits in a collective would hang.
         digest = hashlib.sha256(plan.digest + strategy.encode()).digest() if plan is not None else b""
-        colocated = self._agree(error, digest, place)
+        colocated = self._agree(error, digest, place) and strategy != "collective" and target.type == "cpu"
         if strategy == "local" and not colocated:
             raise UnsupportedError(
                 "FST_DISTRIBUTED=local needs CPU targets and every rank on this machine, reading the "
@@ -656,11 +656,14 @@ class _Run:
 
     def _agree(self, error, digest: bytes, place: bytes) -> bool:
         """Every rank learns whether every rank planned the same load; all raise otherwise.
-        Returns whether every rank gave the same non-empty locality `place`."""
+        Ranks on one machine must also have parsed the same versions of the files. Returns
+        whether every rank gave the same locality `place` (see _locality) and it names a
+        machine."""
+        known = bool(place) and place[:16] != bytes(16)
         if self.ws == 1:
             if error is not None:
                 raise error
-            return bool(place)
+            return known
         rows = self._gather(error, digest, place)
         self._raise_for(rows, error, "while planning")
         digests = {row[1] for row in rows}
@@ -670,7 +673,13 @@ class _Run:
                 "the ranks disagree on what to load (plan digests " + seen + "): every rank must "
                 "pass the same keys=, shard= and budget (and FST_DISTRIBUTED) and see the same tensor names, "
                 "dtypes and shapes")
-        return bool(place) and len({row[3] for row in rows}) == 1
+        if known and len({row[3][:24] for row in rows}) == 1 and len({row[3][24:] for row in rows}) > 1:
+            seen = ", ".join(f"rank {r} {row[3][24:30].hex()}" for r, row in enumerate(rows))
+            raise DistributedLoadError(
+                "the ranks on this machine parsed different versions of the checkpoint's files (device, "
+                f"inode, size, modification time: {seen}); a file was replaced between their opens: "
+                "load again once it is stable")
+        return known and len({row[3] for row in rows}) == 1
 
     def _collective(self, name: str, *args, **kwargs):
         try:
@@ -1019,13 +1028,10 @@ class _Run:
         for f, runs in self._share().items():
             if _core.page_cache_residency(files[f]) >= 0.98:
                 continue
-            fd = os.open(files[f], os.O_RDONLY)
-            try:
-                for off, n in runs:
-                    os.posix_fadvise(fd, off, n, os.POSIX_FADV_WILLNEED)
-                    self.stats["bytes_read"] += n
-            finally:
-                os.close(fd)
+            fd = self.ckpt.fd(f)  # the parsed version's descriptor, owned by the checkpoint
+            for off, n in runs:
+                os.posix_fadvise(fd, off, n, os.POSIX_FADV_WILLNEED)
+                self.stats["bytes_read"] += n
 
     def _map_local(self, rows: list, backend: str) -> list:
         """Loads `rows` (picks) as raw bytes: views of the file mapping with the mmap backend."""

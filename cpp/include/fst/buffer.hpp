@@ -35,11 +35,22 @@ class HostArena final : public Buffer {
   bool mapped_ = false;
 };
 
-// A private, copy-on-write mapping of a whole file: writes to a tensor never reach the file.
+// A private, copy-on-write mapping of the bytes [offset, offset + length) of a file (whole
+// pages around them): writes to a tensor never reach the file. Only the range a load selects
+// is mapped, and without reserving swap for it (MAP_NORESERVE): its pages stay the page
+// cache's until written, so a file larger than memory maps under the default overcommit
+// heuristic. Strict overcommit (vm.overcommit_memory=2) charges the whole range anyway, and
+// the mapping can fail there: `try_map` then returns null and the caller reads instead.
 class FileMapping final : public Buffer {
  public:
-  FileMapping(int fd, std::size_t size, const std::string& path);
+  static std::shared_ptr<FileMapping> try_map(int fd, std::uint64_t offset, std::uint64_t length);
   ~FileMapping() override;
+  // The address of byte `file_offset` of the file (inside the mapped range).
+  std::byte* at(std::uint64_t file_offset) const noexcept { return data_ + (file_offset - first_); }
+
+ private:
+  FileMapping() = default;
+  std::uint64_t first_ = 0;  // file offset of data_
 };
 
 inline std::uint64_t align_up(std::uint64_t v, std::uint64_t a) noexcept { return (v + a - 1) / a * a; }

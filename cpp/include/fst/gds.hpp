@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "fst/buffer.hpp"
+#include "fst/file_handle.hpp"
 #include "fst/plan.hpp"
 #include "fst/reader.hpp"
 #include "fst/thread_pool.hpp"
@@ -90,17 +91,15 @@ GdsPlan plan_gds(const Checkpoint& ckpt, const std::vector<Pick>& sel, const std
 // (fst/cuda.hpp); make_host_gds_device() runs the same steps on host memory.
 //
 // A device serves one load at a time, and may serve several one after another (the groups of a
-// streamed load): it keeps its bulk buffer (with its registration) and its task lists, and the
-// files it opened for the checkpoint of those loads, so registration is paid once per stream.
-// Files are never kept by name: a load of another checkpoint (even of the same paths, which
-// may name replaced files by now) opens and registers its files anew.
+// streamed load): it keeps the files it opened, its bulk buffer (with its registration) and its
+// task lists, and hands them out again where they fit, so registration is paid once per stream.
 class GdsDevice {
  public:
   virtual ~GdsDevice() = default;
-  // Opens file number `file` of `ckpt` for direct reads (kept when this device opened it for
-  // this same checkpoint; every file opened for another checkpoint is closed first). Throws
-  // UnsupportedError naming the file and why when it cannot be read this way.
-  virtual void open_file(const std::shared_ptr<const Checkpoint>& ckpt, std::uint32_t file) = 0;
+  // Opens the file `source` holds for direct reads, as file number `file` (reopened from that
+  // descriptor, never from its path; kept when that number already names that very
+  // descriptor). Throws UnsupportedError naming the file and why when it cannot be read so.
+  virtual void open_file(std::uint32_t file, std::shared_ptr<const FileHandle> source) = 0;
   // The destination arena (the memory the tensors keep alive).
   virtual std::shared_ptr<Buffer> allocate(std::uint64_t bytes) = 0;
   // A bulk buffer of at least `bytes` (4096-aligned; the earlier one when large enough); its

@@ -3,12 +3,14 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <string_view>
 #include <utility>
 #include <vector>
 
 #include "fst/dtype.hpp"
+#include "fst/file_handle.hpp"
 
 namespace fst {
 
@@ -25,6 +27,9 @@ struct TensorEntry {
 
 struct FileHeader {
   std::string path;
+  // The descriptor the header was read from: every read of the data goes through it (null
+  // for a header parsed from memory).
+  std::shared_ptr<const FileHandle> file;
   std::uint64_t header_len = 0;  // N, the JSON length
   std::uint64_t file_size = 0;
   std::vector<TensorEntry> tensors;  // sorted by data offsets (file order)
@@ -41,7 +46,8 @@ inline constexpr std::uint64_t kMaxHeaderLen = 100'000'000;
 // Validates `json` (the N header bytes) of a file of `file_size` bytes. Throws HeaderError.
 FileHeader parse_header(std::string path, std::string_view json, std::uint64_t file_size);
 
-// Opens `path`, reads and validates its header. Throws HeaderError or IoError.
+// Opens `path` (a regular file), reads and validates its header, and keeps the descriptor.
+// Throws HeaderError or IoError.
 FileHeader read_header(const std::string& path);
 
 }  // namespace fst

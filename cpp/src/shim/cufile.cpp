@@ -141,9 +141,11 @@ std::string Session::describe() const {
   return "nvidia-fs " + std::to_string(props_.nvfs.major_version) + "." + std::to_string(props_.nvfs.minor_version);
 }
 
-RegisteredFile::RegisteredFile(const Library& lib, const std::string& path) : lib_(lib) {
+RegisteredFile::RegisteredFile(const Library& lib, std::shared_ptr<const FileHandle> source)
+    : lib_(lib), source_(std::move(source)) {
+  const std::string& path = source_->path();
   int err = 0;
-  file_ = detail::PosixFile::try_open(path, O_RDONLY | O_DIRECT, err);
+  file_ = detail::PosixFile::try_reopen(*source_, O_RDONLY | O_DIRECT, err);
   if (!file_.valid()) {
     if (err == EINVAL)
       throw UnsupportedError("'" + path + "': the file system does not support O_DIRECT, which cuFile needs");

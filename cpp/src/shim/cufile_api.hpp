@@ -110,7 +110,9 @@ class Session {
 // UnsupportedError naming the file and cuFile's (or open's) reason when either step fails.
 class RegisteredFile {
  public:
-  RegisteredFile(const Library& lib, const std::string& path);
+  // Reopens the file `source` holds with O_DIRECT (never its path) and registers it.
+  RegisteredFile(const Library& lib, std::shared_ptr<const FileHandle> source);
+  const FileHandle& source() const noexcept { return *source_; }
   ~RegisteredFile();
   RegisteredFile(const RegisteredFile&) = delete;
   RegisteredFile& operator=(const RegisteredFile&) = delete;
@@ -120,6 +122,7 @@ class RegisteredFile {
 
  private:
   const Library& lib_;
+  std::shared_ptr<const FileHandle> source_;
   detail::PosixFile file_;  // outlives the registration (deregistered first, in ~RegisteredFile)
   Handle handle_ = nullptr;
 };

@@ -43,15 +43,13 @@ class CufileDevice final : public GdsDevice {
     files_.clear();
   }
 
-  void open_file(const std::shared_ptr<const Checkpoint>& ckpt, std::uint32_t file) override {
+  void open_file(std::uint32_t file, std::shared_ptr<const FileHandle> source) override {
     ScopedDevice scope(device_);
-    if (ckpt != ckpt_) {
-      files_.clear();
-      ckpt_ = ckpt;
-    }
     if (files_.size() <= file) files_.resize(file + 1);
-    if (files_[file]) return;  // registered by an earlier load of this checkpoint
-    files_[file] = std::make_unique<cufile::RegisteredFile>(lib_, ckpt->files()[file].path);
+    // Registered by an earlier group of the same stream: the very descriptor it parsed.
+    if (files_[file] && &files_[file]->source() == source.get()) return;
+    files_[file].reset();
+    files_[file] = std::make_unique<cufile::RegisteredFile>(lib_, std::move(source));
   }
 
   std::shared_ptr<Buffer> allocate(std::uint64_t bytes) override { return make_device_arena(device_, bytes); }
@@ -130,7 +128,6 @@ class CufileDevice final : public GdsDevice {
   int device_;
   const cufile::Library& lib_;
   std::shared_ptr<cufile::Session> session_;
-  std::shared_ptr<const Checkpoint> ckpt_;  // whose files files_ holds
   std::vector<std::unique_ptr<cufile::RegisteredFile>> files_;  // by file number
   std::shared_ptr<Buffer> bulk_memory_;
   std::optional<cufile::RegisteredBuffer> registration_;
