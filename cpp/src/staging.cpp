@@ -473,21 +473,34 @@ std::shared_ptr<Buffer> stage_host_bytes(StagingSink& sink, const std::byte* src
   const StagingShape shape = staging_shape(opt);
   sink.pool().set_budget(opt.budget);
   std::shared_ptr<Buffer> dest = sink.allocate(bytes);
-  sink.bind_thread();
   const std::uint64_t chunk = std::min<std::uint64_t>(shape.buffer_bytes, std::max<std::uint64_t>(bytes, 1));
   const std::uint64_t base = reinterpret_cast<std::uintptr_t>(dest->data());
-  for (std::uint64_t at = 0; at < bytes; at += chunk) {
-    const std::uint64_t n = std::min(chunk, bytes - at);
-    const unsigned slot = sink.acquire(chunk);
+  // On a thread of fst's own: bind_thread() may change the thread's current CUDA context,
+  // which the caller's thread keeps as it was.
+  std::exception_ptr failed;
+  std::thread copier([&] {
     try {
-      std::memcpy(sink.buffer(slot), src + at, n);
-      sink.copy_async(slot, base + at, sink.buffer(slot), n);
+      sink.bind_thread();
+      for (std::uint64_t at = 0; at < bytes; at += chunk) {
+        const std::uint64_t n = std::min(chunk, bytes - at);
+        const unsigned slot = sink.acquire(chunk);
+        try {
+          std::memcpy(sink.buffer(slot), src + at, n);
+          sink.copy_async(slot, base + at, sink.buffer(slot), n);
+        } catch (...) {
+          sink.release(slot);
+          throw;
+        }
+        sink.release(slot);
+      }
     } catch (...) {
-      sink.release(slot);
-      sink.wait_all();
-      throw;
+      failed = std::current_exception();
     }
-    sink.release(slot);
+  });
+  copier.join();
+  if (failed) {
+    sink.drain();  // the copies queued before the error still read from `src`
+    std::rethrow_exception(failed);
   }
   sink.wait_all();
   return dest;

@@ -143,9 +143,7 @@ class StagingSink {
   // Called on a reading thread before each request (CUDA: make the device's context current).
   virtual void bind_thread() {}
   virtual ExportDevice device() const { return ExportDevice{}; }
-
- protected:
-  // For destructors of implementations: wait_all(), errors ignored (they were reported).
+  // wait_all(), errors ignored (for destructors, and after an error that is being reported).
   void drain() noexcept;
 
  private:
