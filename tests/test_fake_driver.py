@@ -155,11 +155,12 @@ def test_pinned_memory_is_allocated_once_across_many_loads(fake, checkpoint):
     assert sum(c["fn"] == "cuMemHostAlloc" for c in calls) <= 2 * usage["allocations"]
 
 
-def test_readers_never_wait_on_the_copy_they_just_queued(fake, checkpoint):
+def test_readers_never_wait_on_the_copy_they_just_queued(fake, tmp_path):
     """With a slow copy engine readers must wait for buffers; they take one whose copy has
     finished where there is one (cuEventQuery), else wait on another reader's, and sleep while
     they wait (blocking-sync events), never touching the context's flags."""
-    code = f"PATH, THREADS, BUDGET = {str(checkpoint)!r}, 3, 6 * 65536\n" + MANY_LOADS
+    path = write(tmp_path / "big.safetensors", [(f"t{i}", "F32", [64, 200 + i]) for i in range(40)])
+    code = f"PATH, THREADS, BUDGET = {str(path)!r}, 3, 6 * 65536\n" + MANY_LOADS
     _, calls = fake.run(code, env={"FST_FAKE_COPY_DELAY_US": "300"})
     waits = [c for c in calls if c["fn"] == "cuEventSynchronize"]
     assert waits, "the slow copies never made a reader wait"
