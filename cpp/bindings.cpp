@@ -512,8 +512,9 @@ PYBIND11_MODULE(_core, m) {
       .def("wait", &PyPending::wait, py::arg("progress") = py::none())
       .def_property_readonly("bytes_total", [](const PyPending& p) { return p.pending ? p.pending->bytes_total() : 0; });
 
-  // Staging memory that several staged loads use one after another (the groups of a stream):
-  // pinned buffers are allocated once, not once per load. One load at a time.
+  // What several staged loads use one after another (the groups of a stream), one load at a
+  // time: on a CUDA device, its device scratch memory (the pinned buffers come from the
+  // device's process-wide pool either way); on the host (device -1), a pool of its own.
   py::class_<StagingSink, std::shared_ptr<StagingSink>>(m, "StagingSink")
       .def(py::init([](int device, std::uint64_t alignment, unsigned host_copy_delay_us, bool host_converts) {
              py::gil_scoped_release release;
