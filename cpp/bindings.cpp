@@ -516,8 +516,9 @@ PYBIND11_MODULE(_core, m) {
       .def("wait", &PyPending::wait, py::arg("progress") = py::none())
       .def_property_readonly("bytes_total", [](const PyPending& p) { return p.pending ? p.pending->bytes_total() : 0; });
 
-  // Staging memory that several staged loads use one after another (the groups of a stream):
-  // pinned buffers are allocated once, not once per load. One load at a time.
+  // What several staged loads use one after another (the groups of a stream), one load at a
+  // time: on a CUDA device, its device scratch memory (the pinned buffers come from the
+  // device's process-wide pool either way); on the host (device -1), a pool of its own.
   py::class_<StagingSink, std::shared_ptr<StagingSink>>(m, "StagingSink")
       .def(py::init([](int device, std::uint64_t alignment, unsigned host_copy_delay_us, bool host_converts) {
              py::gil_scoped_release release;
@@ -525,7 +526,10 @@ PYBIND11_MODULE(_core, m) {
            }),
            py::arg("device"), py::arg("alignment") = 256, py::arg("host_copy_delay_us") = 0,
            py::arg("host_converts") = true)
-      .def_property_readonly("buffers_allocated", &StagingSink::buffers_allocated);
+      // Pinned buffers its pool has allocated so far (a buffer handed out again is not counted
+      // twice).
+      .def_property_readonly("buffers_allocated", [](StagingSink& s) { return s.pool().usage().allocations; })
+      .def_property_readonly("pinned_bytes", [](StagingSink& s) { return s.pool().usage().pinned_bytes; });
 
   // What GDS loads run one after another (the groups of a stream) share: registered files, the
   // registered bulk buffer, task lists. One load at a time.
@@ -613,7 +617,7 @@ PYBIND11_MODULE(_core, m) {
         p.pending = std::make_unique<StagedLoad>(s.ckpt, s.picks, opt, std::move(sink), s.targets);
         return p;
       }, py::arg("device"), py::arg("backend") = "pread", py::arg("threads") = 0, py::arg("alignment") = 256,
-         py::arg("budget") = 128u << 20, py::arg("buffer_bytes") = 16u << 20,
+         py::arg("budget") = StagingOptions{}.budget, py::arg("buffer_bytes") = StagingOptions{}.buffer_bytes,
          py::arg("host_copy_delay_us") = 0, py::arg("host_converts") = true, py::arg("host_fail_wait") = 0,
          py::arg("note") = "", py::arg("sink") = nullptr, py::arg("batch_pieces") = StagingOptions{}.batch_pieces)
       // The GDS plan itself, for tests: per window, its reads (file, offset, length, needed,
@@ -742,6 +746,47 @@ PYBIND11_MODULE(_core, m) {
         return numpy_array(it, dtypes, owner_capsule(it.owner), name);
       }, py::arg("name"), py::arg("lo") = py::none(), py::arg("hi") = py::none(), py::arg("dtypes"));
 
+  // Host bytes (any contiguous buffer) onto CUDA device `device` (or, device = -1, into host
+  // memory through the host sink) through the pinned staging pool: one U8 tensor.
+  m.def("stage_to_device", [](int device, py::buffer data, std::uint64_t budget, std::uint64_t buffer_bytes) {
+    py::buffer_info info = data.request();
+    if (!PyBuffer_IsContiguous(info.view(), 'C')) throw py::value_error("stage_to_device needs a contiguous buffer");
+    const auto bytes = static_cast<std::uint64_t>(info.size * info.itemsize);
+    StagingOptions opt;
+    opt.budget = budget;
+    opt.buffer_bytes = buffer_bytes;
+    std::shared_ptr<StagingSink> sink;
+    std::shared_ptr<Buffer> arena;
+    {
+      py::gil_scoped_release release;  // `info` keeps the buffer alive and unchanged in size
+      sink = make_staging_sink(device, 256, 0, true, 0);
+      arena = stage_host_bytes(*sink, static_cast<const std::byte*>(info.ptr), bytes, opt);
+      sink.reset();
+    }
+    ExportItem item{arena, arena->data(), Dtype::U8, {static_cast<std::int64_t>(bytes)}, Dtype::U8, ExportDevice{}};
+    if (device >= 0) item.device = ExportDevice{ExportDevice::kCUDA, device};
+    return DLPackTensor(std::move(item));
+  }, py::arg("device"), py::arg("data"), py::arg("budget") = StagingOptions{}.budget,
+     py::arg("buffer_bytes") = StagingOptions{}.buffer_bytes);
+  // The process-wide staging pools of the CUDA devices used so far.
+  m.def("staging_usage", [] {
+    py::list out;
+    for (const auto& [device, u] : cuda_staging_usage()) {
+      py::dict d;
+      d["device"] = device;
+      d["budget"] = u.budget;
+      d["pinned_bytes"] = u.pinned_bytes;
+      d["buffers"] = u.buffers;
+      d["in_use"] = u.in_use;
+      d["allocations"] = u.allocations;
+      out.append(d);
+    }
+    return out;
+  });
+  m.def("release_staging", [] {
+    py::gil_scoped_release release;
+    return release_cuda_staging();
+  });
   m.def("cuda_driver_info", [] {
     CudaDriverInfo i = cuda_driver_info();
     py::dict d;

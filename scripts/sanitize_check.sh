@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The test suite against a build of fst with AddressSanitizer and UndefinedBehaviorSanitizer
 # (gcc or clang), fuzzing included: memory errors and undefined behaviour in the C++ core show
-# up as a failing run instead of silent corruption.
+# up as a failing run instead of silent corruption. The fake CUDA driver tests
+# (tests/test_fake_driver.py) run too, with the fake itself built with the same sanitizers, so
+# the driver-facing code (staging pool, sinks, frees, kernels compiled for the host) is checked
+# in the child processes that load it.
 #   usage: PYTHON=/path/to/venv/bin/python bash scripts/sanitize_check.sh [FUZZ_EXAMPLES]
 # PYTHON must be a virtual environment with the test dependencies (README) plus
 # scikit-build-core and pybind11, and without an editable install of fst in its path: fst is
@@ -26,6 +29,7 @@ rm -f "$report".*
 status=0
 LD_PRELOAD=$preload ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:log_path=$report \
   UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:log_path=$report FST_FUZZ_EXAMPLES=$examples \
+  FST_FAKE_CUDA_CFLAGS="$flags" \
   "$py" -m pytest -q -p no:cacheprovider tests -k "not test_200_loads_leak_nothing" || status=$?
 if compgen -G "$report.*" > /dev/null; then
   cat "$report".*

@@ -340,6 +340,18 @@ def test_cuda_targets(tmp_path, checkpoint):
     assert nccl[0]["ok"] == nccl[0]["expected_ok"], nccl
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gloo_group_cuda_target_moves_replicated_tensors_through_the_pinned_pool(tmp_path, checkpoint):
+    """World 1, gloo, CUDA target: the tensors the collectives deliver on the CPU (here the
+    replicated ones, and those sharded on a dimension past the first) reach the GPU through
+    fst's pinned staging pool, and the stats say so."""
+    (res,) = spawn(tmp_path, "gloo_cuda", 1)
+    assert res["ok"] == res["expected_ok"], res
+    assert 0 < res["replicated_bytes"] <= res["bytes_to_device"] <= res["total_bytes"], res
+    assert res["pool"] and res["pool"][0]["pinned_bytes"] > 0, res
+
+
 # --------------------------------------------------------------------- the workers --
 
 
@@ -664,6 +676,20 @@ def _scenario_cuda(rank, ws, tmp, results):
     results["expected_ok"] = 2
 
 
+def _scenario_gloo_cuda(rank, ws, tmp, results):
+    folder = tmp / "ckpt"
+    ref, order = _reference(folder), _file_order(folder)
+    got = fst.load(folder, framework="torch", shard=SHARD, device="cuda")
+    assert all(t.device.type == "cuda" for t in got.values())
+    stats = fst.last_load_stats()
+    _case(results, "gloo cuda", got, stats, ref, shard_dim, ws, rank, order)
+    results["bytes_to_device"] = stats["bytes_to_device"]
+    results["replicated_bytes"] = sum(ref[n].numel() * ref[n].element_size() for n in order if shard_dim(n) is None)
+    results["total_bytes"] = sum(ref[n].numel() * ref[n].element_size() for n in order)
+    results["pool"] = fst.runtime_info()["staging"]
+    results["expected_ok"] = 1
+
+
 def _worker(scenario: str, rank: str, ws: str, port: str, tmp: str, out: str) -> None:
     import datetime
 
@@ -678,7 +704,7 @@ def _worker(scenario: str, rank: str, ws: str, port: str, tmp: str, out: str) ->
     results = {"rank": rank_i, "cases": [], "ok": 0, "expected_ok": 0}
     run = {"main": _scenario_main, "errors": _scenario_errors, "dead": _scenario_dead,
            "cuda": _scenario_cuda, "nccl": _scenario_cuda, "local": _scenario_local,
-           "versions": _scenario_versions}[scenario]
+           "gloo_cuda": _scenario_gloo_cuda, "versions": _scenario_versions}[scenario]
     run(rank_i, ws_i, Path(tmp), results)
     Path(out, f"{rank}.json").write_text(json.dumps(results))
     if scenario == "dead":

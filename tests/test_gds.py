@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -126,6 +127,26 @@ def test_runtime_info_reports_cufile_and_the_gpu_backend():
         assert why in info["gpu_loading"]
 
 
+def test_without_nvidia_fs_gds_is_declined_without_opening_cufile(monkeypatch, tmp_path):
+    """No nvidia-fs module: the automatic choice and runtime_info() say so from the module
+    list alone; the cuFile driver (slow to open, sometimes hanging) is never touched."""
+    def must_not_open(*_args):
+        raise AssertionError("cuFile was probed")
+
+    monkeypatch.setattr(_runtime, "NVIDIA_FS", tmp_path / "module" / "nvidia_fs")
+    monkeypatch.setattr(fst._core, "cufile_info", must_not_open)
+    use_gds, why = _runtime.gds_choice()
+    assert not use_gds and "nvidia-fs kernel driver is not loaded" in why
+    info = fst.runtime_info()
+    assert info["cufile"]["available"] is False and info["cufile"]["compat_mode"] is True
+    assert info["gpu_backend"]["backend"] == "pread"
+    # With the module present the choice asks cuFile (here: compatibility mode, declined).
+    (tmp_path / "module" / "nvidia_fs").mkdir(parents=True)
+    monkeypatch.setattr(fst._core, "cufile_info", lambda _lib: {
+        "available": True, "reason": "", "library": "x", "compat_mode": True, "driver": "compat"})
+    assert _runtime.gds_choice() == (False, "GPU Direct Storage not used: cuFile would run in compatibility mode (compat)")
+
+
 # ---------------------------------------------------------------- refusals ---------------
 
 
@@ -136,7 +157,7 @@ def small(tmp_path_factory):
 
 
 def test_forced_gds_without_cufile_raises_the_reason_and_leaks_nothing(small):
-    info = _runtime.cufile_info()
+    info = fst._core.cufile_info(_runtime.bundled_cufile())  # cuFile itself: what a forced load uses
     if info["available"]:
         pytest.skip("cuFile is usable here")
     selection = fst.open_checkpoint(small).select(None)
@@ -379,6 +400,22 @@ def test_loads_one_after_another_share_a_gds_device(tmp_path):
     assert device.bulk_allocations == 1
     ckpt.select(None).start_gds(-1, 2, 256, 4096, 1 << 20, gds_device=device).wait()
     assert device.bulk_allocations == 2  # a larger window: a larger buffer
+
+
+def test_a_gds_device_never_reads_a_replaced_file_through_its_old_registration(tmp_path):
+    """A device that served a checkpoint keeps its files only for that checkpoint: another
+    checkpoint of the same path (the file replaced meanwhile) is read from the new file."""
+    path = tmp_path / "m.safetensors"
+    old = write(tmp_path / "old.safetensors", [("a", "F32", [999]), ("b", "U8", [77])], seed=1)
+    new = write(tmp_path / "new.safetensors", [("a", "F32", [999]), ("b", "U8", [77])], seed=2)
+    device = fst._core.GdsDevice(-1)
+    got = []
+    for source in (old, new):
+        os.replace(shutil.copy(source, tmp_path / "incoming"), path)
+        loaded = fst.open_checkpoint(path).select(None).start_gds(-1, 2, 256, 4096, 1 << 16, gds_device=device).wait()
+        got.append({k: raw_bytes(v) for k, v in get_adapter("torch").export(loaded, "cpu").items()})
+    assert got[0] == {k: raw_bytes(v) for k, v in reference(old).items()}
+    assert got[1] == {k: raw_bytes(v) for k, v in reference(new).items()} != got[0]
 
 
 def test_host_gds_file_that_shrank_is_an_error_and_leaks_nothing(tmp_path):

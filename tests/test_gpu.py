@@ -247,7 +247,10 @@ def test_conversion_kernel_refuses_an_unsupported_pair():
 
 # ---------------------------------------------------------------- GPU Direct Storage -------
 
-GDS = fst._runtime.cufile_info() if CUDA else {"available": False, "reason": "no CUDA device"}
+# Whether forced GDS loads can run: cuFile itself (compatibility mode included, which the
+# automatic choice declines without nvidia-fs but backend="gds" still uses).
+GDS = (fst._core.cufile_info(fst._runtime.bundled_cufile()) if CUDA
+       else {"available": False, "reason": "no CUDA device"})
 needs_gds = pytest.mark.skipif(not GDS["available"], reason=f"cuFile is not usable: {GDS['reason']}")
 
 
@@ -357,3 +360,25 @@ def test_auto_gpu_load_uses_gds_only_where_it_really_works(tmp_path):
     ref = reference(path)
     for name, t in got.items():
         assert raw_bytes(t) == raw_bytes(ref[name]), name
+
+
+def test_the_staging_pool_is_kept_across_loads_and_released_on_request(tmp_path):
+    """Loads after the first pin nothing new; release_staging() frees the pool's buffers."""
+    path = write(tmp_path / "m.safetensors", [(f"t{i}", "BF16", [257, 129]) for i in range(12)], prefix=b"\x01")
+    ref = reference(path)
+    device = torch.cuda.current_device()
+
+    def pool():
+        return next(p for p in fst.runtime_info()["staging"] if p["device"] == device)
+
+    fst.load(path, framework="torch", device="cuda")
+    first = pool()
+    for _ in range(3):
+        got = fst.load(path, framework="torch", device="cuda")
+    later = pool()
+    assert later["allocations"] == first["allocations"] and 0 < later["pinned_bytes"] <= later["budget"], later
+    assert later["in_use"] == 0
+    for name, t in got.items():
+        assert raw_bytes(t) == raw_bytes(ref[name]), name
+    assert fst.release_staging() == later["pinned_bytes"]
+    assert pool()["pinned_bytes"] == 0

@@ -133,7 +133,7 @@ std::shared_ptr<const FileHandle> FileHandle::open(const std::string& path) {
     // more than the default soft limit, which any process may raise up to the hard one.
     // Headers are parsed on several threads: another one may have raised it meanwhile, so
     // the open is tried again either way.
-    struct rlimit lim;
+    struct rlimit lim {};
     if (::getrlimit(RLIMIT_NOFILE, &lim) == 0 && lim.rlim_cur < lim.rlim_max) {
       lim.rlim_cur = lim.rlim_max;
       ::setrlimit(RLIMIT_NOFILE, &lim);

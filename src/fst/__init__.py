@@ -13,7 +13,7 @@ from typing import Any
 from .errors import CudaError, FstError, HeaderError, UnsupportedError  # noqa: I001 (first: the core needs them)
 from . import _core
 from ._api import iter_tensors, last_load_stats, load, open_checkpoint
-from ._runtime import runtime_info
+from ._runtime import release_staging, runtime_info
 from ._safe_open import safe_open
 
 __version__ = "0.1.0"
@@ -27,6 +27,7 @@ __all__ = [
     "last_load_stats",
     "load",
     "open_checkpoint",
+    "release_staging",
     "runtime_info",
     "safe_open",
 ]

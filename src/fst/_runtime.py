@@ -28,20 +28,36 @@ def bundled_cufile() -> str:
     return ""
 
 
+# Where the nvidia-fs kernel driver shows itself when loaded. Without it cuFile can only run in
+# compatibility mode (POSIX reads inside cuFile), which fst's own staging does at least as well.
+NVIDIA_FS = Path("/sys/module/nvidia_fs")
+NO_NVIDIA_FS = f"the nvidia-fs kernel driver is not loaded (no {NVIDIA_FS}): cuFile could only run in compatibility mode"
+
+
 def cufile_info() -> dict[str, Any]:
     """cuFile's state: available (library, CUDA device, driver opens), reason, library,
-    compat_mode (no nvidia-fs: cuFile reads through POSIX itself) and driver."""
+    compat_mode (no nvidia-fs: cuFile reads through POSIX itself) and driver.
+
+    Without nvidia-fs the cuFile driver is not opened at all (opening it is slow, and has been
+    seen to hang): the answer is compatibility mode, from the kernel's module list alone."""
+    if not NVIDIA_FS.exists():
+        return {"available": False, "reason": NO_NVIDIA_FS, "library": bundled_cufile(), "compat_mode": True,
+                "driver": ""}
     return _core.cufile_info(bundled_cufile())
 
 
 def gds_choice() -> tuple[bool, str]:
     """Whether an automatic GPU load tries GPU Direct Storage, and why (not).
 
-    Only where it really helps: cuFile usable and not in compatibility mode (which is POSIX
-    reads inside cuFile, no better than fst's own staging), and the kernels that align the
-    tensors after the bulk reads built in. The files themselves are checked when the load
-    opens and registers them.
+    Only where it really helps: nvidia-fs loaded, cuFile usable and not in compatibility mode
+    (which is POSIX reads inside cuFile, no better than fst's own staging), and the kernels that
+    align the tensors after the bulk reads built in. The files themselves are checked when the
+    load opens and registers them. Where nvidia-fs is absent this decides without touching
+    cuFile; where it is present, the cuFile driver session opened here is the one later GDS
+    loads use (it stays open), so no load pays for a probe.
     """
+    if not NVIDIA_FS.exists():
+        return False, f"GPU Direct Storage not used: {NO_NVIDIA_FS}"
     info = cufile_info()
     if not info["available"]:
         return False, f"GPU Direct Storage not used: {info['reason']}"
@@ -52,10 +68,21 @@ def gds_choice() -> tuple[bool, str]:
     return True, f"GPU Direct Storage: cuFile with {info['driver']}"
 
 
+def release_staging() -> int:
+    """Free the pinned staging buffers that GPU loads keep between loads, with their streams
+    and events, and return the bytes freed.
+
+    Each CUDA device has one pool of them, shared by every load to it and kept for the life of
+    the process (pinning memory is slow), at most ``FST_PINNED_BUDGET`` bytes. Buffers a load
+    is using stay; later loads allocate anew. ``runtime_info()["staging"]`` shows the pools."""
+    return _core.release_staging()
+
+
 def runtime_info(path: Optional[str] = None) -> dict[str, Any]:
     """Version, build, threads, CUDA driver and cuFile state, which backend a GPU load would
-    use, and (for `path`) the backend an automatic CPU load would choose, with the
-    measurements behind the choice."""
+    use, the staging pools of the CUDA devices used so far (budget, pinned bytes, buffers,
+    buffers in use, allocations), and (for `path`) the backend an automatic CPU load would
+    choose, with the measurements behind the choice."""
     from . import __version__
 
     use_gds, why = gds_choice()
@@ -71,6 +98,7 @@ def runtime_info(path: Optional[str] = None) -> dict[str, Any]:
             if use_gds
             else f"pinned staging buffers + cuMemcpyHtoDAsync ({why})"
         ),
+        "staging": _core.staging_usage(),
         "environment": _settings.environment(),
     }
     if path is not None:

@@ -119,7 +119,7 @@ BACKEND = Variable("FST_BACKEND", "auto", "`auto`", _choice(BACKENDS))
 THREADS = Variable("FST_THREADS", 0, "the CPUs this process may use",
                    _count(0, MAX_THREADS, "I/O threads (0: the CPUs this process may use)"))
 STAGING_BUDGET = _bytes_variable("FST_STAGING_BUDGET", DEFAULT_STAGING_BUDGET)
-PINNED_BUDGET = _bytes_variable("FST_PINNED_BUDGET", 128 << 20)
+PINNED_BUDGET = _bytes_variable("FST_PINNED_BUDGET", 256 << 20)
 STAGING_BUFFER = _bytes_variable("FST_STAGING_BUFFER", 16 << 20, multiple=PAGE)
 GDS_BUFFER = _bytes_variable("FST_GDS_BUFFER", 512 << 20, multiple=PAGE, least=2 * PAGE)
 DISTRIBUTED = Variable("FST_DISTRIBUTED", "auto", "`auto`", _choice(STRATEGIES))

@@ -76,12 +76,15 @@ local strategy, the bytes of its share it asked the kernel to read ahead, none w
 were already in the page cache), ``bytes_mapped`` (local strategy: bytes served as views), ``bytes_sent`` / ``bytes_received`` (payload bytes of
 the collectives: a broadcast counts once per receiver at its source), ``staging_peak``,
 ``seconds_plan`` / ``seconds_read`` / ``seconds_copy`` / ``seconds_comm`` (time blocked in each
-stage), ``steps``, ``collectives``, ``rank`` and ``world_size``.
+stage), ``bytes_to_device`` (a gloo group with a CUDA target: bytes of tensors the collectives
+delivered on the CPU, moved to the device through fst's pinned staging pool), ``steps``,
+``collectives``, ``rank`` and ``world_size``.
 
 Devices: CPU targets need a group that moves CPU tensors (gloo). For a CUDA target with a NCCL
 group (each rank's device set with ``torch.cuda.set_device``) the step buffers live on the
 device and the collectives move device tensors; with a gloo group the collectives run on the
-CPU and the tensors are copied to the device as they finish. Reads into GPU memory take fst's
+CPU and the tensors are copied to the device as they finish, through fst's pinned staging pool
+(not from pageable memory). Reads into GPU memory take fst's
 GPU path (pinned staging buffers, or GDS), never pageable host memory: a rank's own rows go
 straight to its device, and with NCCL so do the rows it reads for the others.
 
@@ -549,7 +552,7 @@ class _Run:
             "bytes_sent": 0, "bytes_received": 0, "requests": 0, "resident": None, "seconds": 0.0,
             "seconds_plan": 0.0, "seconds_read": 0.0, "seconds_copy": 0.0, "seconds_comm": 0.0,
             "threads": 0, "rank": self.me, "world_size": self.ws, "steps": 0, "collectives": 0,
-            "staging_peak": 0, "budget": budget,
+            "staging_peak": 0, "budget": budget, "bytes_to_device": 0,
         }
         self._staging = 0
         self._store: dict[Any, Any] = {}
@@ -931,7 +934,7 @@ class _Run:
             else:
                 x = self._empty(t)
             if x.device != self.target:
-                x = x.to(self.target)
+                x = self._to_target(x)
             out.append((t.name, x))
             self.stats["tensors"] += 1
             self.stats["bytes"] += x.numel() * x.element_size()
@@ -939,6 +942,17 @@ class _Run:
         self._store.pop(("parts", k), None)
         self.stats["seconds_copy"] += _now() - t0
         return out
+
+    def _to_target(self, x):
+        """A finished tensor in host memory (gloo delivered it on the CPU) onto the CUDA target
+        through fst's pinned staging pool, never a copy from pageable memory."""
+        torch = self.torch
+        flat = x.reshape(-1).contiguous()
+        raw = flat.view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8)
+        staged = _core.stage_to_device(self.target.index, raw.numpy(), _settings.pinned_budget(),
+                                       _settings.staging_buffer())
+        self.stats["bytes_to_device"] += raw.numel()
+        return torch.from_dlpack(staged).view(x.dtype).view(x.shape)
 
     def _typed(self, raw, t: _Tensor, shape: tuple):
         torch = self.torch

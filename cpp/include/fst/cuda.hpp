@@ -5,9 +5,11 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "fst/dtype.hpp"
+#include "fst/staging.hpp"
 
 namespace fst {
 
@@ -48,12 +50,18 @@ struct DeviceMove {
 // source or destination (a move with dst == src is skipped). For kernel tests and benchmarks.
 void move_on_device(int device, const std::vector<DeviceMove>& moves, unsigned repeats = 1);
 
-class StagingSink;
 class GdsDevice;
 // A staging sink whose destination is device memory of CUDA device `device` (its primary
 // context, shared with torch and JAX); it converts dtypes with the embedded kernels. Throws
 // CudaError when CUDA is unavailable (or, from allocate(), when the device is out of memory).
 std::shared_ptr<StagingSink> make_cuda_sink(int device);
+
+// The staging pools of the CUDA devices used so far (one per device, shared by every staged
+// load to it; see StagingPool), by device ordinal.
+std::vector<std::pair<int, StagingPool::Usage>> cuda_staging_usage();
+// Frees every pooled pinned buffer (with its stream and event) that no load holds, on every
+// device, once its copies have finished; later loads allocate anew. Returns the bytes freed.
+std::uint64_t release_cuda_staging();
 
 // The GPU Direct Storage device of a GdsLoad (see gds.hpp) on CUDA device `device`: cuFile reads
 // into device memory, the embedded kernels align and convert. Throws UnsupportedError with the

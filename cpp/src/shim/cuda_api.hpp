@@ -24,8 +24,8 @@ inline constexpr CUresult kErrorNotReady = 600;
 inline constexpr CUresult kErrorOutOfMemory = 2;
 inline constexpr CUresult kErrorDeinitialized = 4;
 inline constexpr unsigned kMemHostAllocPortable = 0x01;
-inline constexpr unsigned kMemHostRegisterPortable = 0x01;
 inline constexpr unsigned kStreamNonBlocking = 0x1;
+inline constexpr unsigned kEventBlockingSync = 0x1;  // waiting threads sleep instead of spinning
 inline constexpr unsigned kEventDisableTiming = 0x2;
 inline constexpr int kAttrMultiprocessorCount = 16;
 
@@ -38,7 +38,6 @@ struct Driver {
   CUresult (*cuDeviceGetName)(char*, int, CUdevice);
   CUresult (*cuDeviceGetAttribute)(int*, int, CUdevice);
   CUresult (*cuDevicePrimaryCtxRetain)(CUcontext*, CUdevice);
-  CUresult (*cuDevicePrimaryCtxRelease)(CUdevice);
   CUresult (*cuCtxGetCurrent)(CUcontext*);
   CUresult (*cuCtxSetCurrent)(CUcontext);
   CUresult (*cuCtxSynchronize)();
@@ -47,16 +46,14 @@ struct Driver {
   CUresult (*cuMemGetInfo)(std::size_t*, std::size_t*);
   CUresult (*cuMemHostAlloc)(void**, std::size_t, unsigned);
   CUresult (*cuMemFreeHost)(void*);
-  CUresult (*cuMemHostRegister)(void*, std::size_t, unsigned);
-  CUresult (*cuMemHostUnregister)(void*);
   CUresult (*cuMemcpyHtoDAsync)(CUdeviceptr, const void*, std::size_t, CUstream);
-  CUresult (*cuMemcpyDtoH)(void*, CUdeviceptr, std::size_t);
   CUresult (*cuStreamCreate)(CUstream*, unsigned);
   CUresult (*cuStreamDestroy)(CUstream);
   CUresult (*cuStreamSynchronize)(CUstream);
   CUresult (*cuEventCreate)(CUevent*, unsigned);
   CUresult (*cuEventDestroy)(CUevent);
   CUresult (*cuEventRecord)(CUevent, CUstream);
+  CUresult (*cuEventQuery)(CUevent);
   CUresult (*cuEventSynchronize)(CUevent);
   CUresult (*cuModuleLoadData)(CUmodule*, const void*);
   CUresult (*cuModuleGetFunction)(CUfunction*, CUmodule, const char*);

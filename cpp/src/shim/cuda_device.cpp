@@ -2,6 +2,8 @@
 #include "shim/cuda_device.hpp"
 
 #include <algorithm>
+#include <condition_variable>
+#include <thread>
 #include <map>
 #include <mutex>
 #include <string>
@@ -18,6 +20,74 @@ namespace fst::cuda {
 
 namespace {
 
+// Frees device memory on a thread of its own. The frameworks drop DLPack tensors without
+// ordering the free after their queued work, and cuMemFree only "may" synchronise, so a free
+// waits for the context's earlier work first (cuCtxSynchronize). That wait must not run on the
+// thread dropping the tensor: often Python's, holding the GIL, where it stalls the caller and
+// can deadlock against queued collective work that needs the GIL to progress. Never destroyed:
+// at exit, frees still pending are left to the process's end rather than waited for.
+class Freer {
+ public:
+  static Freer& get() {
+    static Freer* freer = new Freer;
+    return *freer;
+  }
+
+  void hand_over(int device, CUdeviceptr ptr) noexcept {
+    try {
+      std::lock_guard<std::mutex> lock(mu_);
+      pending_.emplace_back(device, ptr);
+      if (!started_) {
+        std::thread([this] { run(); }).detach();
+        started_ = true;
+      }
+    } catch (...) {
+      return;  // no thread (or no memory for the queue): the block stays allocated
+    }
+    cv_.notify_all();
+  }
+
+  // Returns once every free handed over so far has been done (an allocation that ran out of
+  // memory retries after this).
+  void flush() {
+    std::unique_lock<std::mutex> lock(mu_);
+    const std::uint64_t target = handed_ + pending_.size();
+    cv_.wait(lock, [&] { return done_ >= target; });
+  }
+
+ private:
+  void run() {
+    std::unique_lock<std::mutex> lock(mu_);
+    while (true) {
+      cv_.wait(lock, [&] { return !pending_.empty(); });
+      std::vector<std::pair<int, CUdeviceptr>> batch;
+      batch.swap(pending_);
+      handed_ += batch.size();
+      lock.unlock();
+      std::sort(batch.begin(), batch.end());
+      const Driver& d = Driver::get();
+      for (std::size_t i = 0; i < batch.size();) {
+        const int device = batch[i].first;
+        try {
+          make_current(device);
+          d.cuCtxSynchronize();  // an error here (sticky) does not keep the memory
+        } catch (...) {
+        }
+        for (; i < batch.size() && batch[i].first == device; ++i) d.cuMemFree(batch[i].second);
+      }
+      lock.lock();
+      done_ += batch.size();
+      cv_.notify_all();
+    }
+  }
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<std::pair<int, CUdeviceptr>> pending_;
+  std::uint64_t handed_ = 0, done_ = 0;  // frees taken by the thread / finished
+  bool started_ = false;
+};
+
 class DeviceArena final : public Buffer {
  public:
   DeviceArena(int device, std::uint64_t bytes) : device_(device) {
@@ -28,6 +98,11 @@ class DeviceArena final : public Buffer {
     // A zero-byte arena still gets an address for empty tensors to point at.
     CUresult r = d.cuMemAlloc(&ptr, bytes ? bytes : 256);
     if (r == kErrorOutOfMemory) {
+      // Memory of tensors dropped a moment ago may still be on its way back.
+      Freer::get().flush();
+      r = d.cuMemAlloc(&ptr, bytes ? bytes : 256);
+    }
+    if (r == kErrorOutOfMemory) {
       std::size_t free = 0, total = 0;
       d.cuMemGetInfo(&free, &total);
       throw CudaError("out of GPU memory on cuda:" + std::to_string(device) + ": the load needs " +
@@ -37,16 +112,7 @@ class DeviceArena final : public Buffer {
     data_ = reinterpret_cast<std::byte*>(static_cast<std::uintptr_t>(ptr));
   }
   ~DeviceArena() override {
-    const Driver& d = Driver::get();
-    try {
-      ScopedDevice scope(device_);
-      // The frameworks drop DLPack tensors without ordering the free after their queued work,
-      // and cuMemFree only "may" synchronise: wait for the context's work before freeing.
-      d.cuCtxSynchronize();
-      d.cuMemFree(static_cast<CUdeviceptr>(reinterpret_cast<std::uintptr_t>(data_)));
-    } catch (...) {
-      // The driver may already be shut down at interpreter exit: nothing left to free then.
-    }
+    Freer::get().hand_over(device_, static_cast<CUdeviceptr>(reinterpret_cast<std::uintptr_t>(data_)));
   }
 
  private:
@@ -128,6 +194,30 @@ Stream::~Stream() {
 }
 
 void Stream::synchronize() const { check(Driver::get().cuStreamSynchronize(stream_), "cuStreamSynchronize"); }
+
+Event::Event(int device) : device_(device) {
+  ScopedDevice scope(device);
+  check(Driver::get().cuEventCreate(&event_, kEventBlockingSync | kEventDisableTiming), "cuEventCreate");
+}
+
+Event::~Event() {
+  try {
+    ScopedDevice scope(device_);
+    Driver::get().cuEventDestroy(event_);
+  } catch (...) {
+  }
+}
+
+void Event::record(CUstream stream) const { check(Driver::get().cuEventRecord(event_, stream), "cuEventRecord"); }
+
+bool Event::finished() const {
+  const CUresult r = Driver::get().cuEventQuery(event_);
+  if (r == kErrorNotReady) return false;
+  check(r, "cuEventQuery");
+  return true;
+}
+
+void Event::wait() const { check(Driver::get().cuEventSynchronize(event_), "cuEventSynchronize"); }
 
 }  // namespace fst::cuda
 

@@ -19,8 +19,10 @@ inline CUdeviceptr device_address(const Buffer& b) noexcept {
   return static_cast<CUdeviceptr>(reinterpret_cast<std::uintptr_t>(b.data()));
 }
 
-// One cuMemAlloc'ed block in the primary context of `device`, freed when its last reference
-// goes. Running out of memory is a CudaError naming the bytes needed and free.
+// One cuMemAlloc'ed block in the primary context of `device`. When its last reference goes it
+// is handed to fst's freeing thread, which frees it after the context's earlier work (the
+// caller never waits). Running out of memory, after the frees under way, is a CudaError naming
+// the bytes needed and free.
 std::shared_ptr<Buffer> make_device_arena(int device, std::uint64_t bytes);
 
 // A batched kernel of the embedded fatbins (see detail/kernel_abi.hpp), loaded once per device.
@@ -64,6 +66,24 @@ class Stream {
  private:
   int device_;
   CUstream stream_ = nullptr;
+};
+
+// An event for waiting on a stream's work: created with CU_EVENT_BLOCKING_SYNC, so a thread
+// waiting on it sleeps rather than spins (whatever scheduling flags the primary context has:
+// torch and JAX own those, and fst never changes them), and without timing, which costs.
+class Event {
+ public:
+  explicit Event(int device);
+  ~Event();
+  Event(const Event&) = delete;
+  Event& operator=(const Event&) = delete;
+  void record(CUstream stream) const;
+  bool finished() const;  // cuEventQuery: never blocks
+  void wait() const;      // cuEventSynchronize
+
+ private:
+  int device_;
+  CUevent event_ = nullptr;
 };
 
 // A task list of one kernel launch: filled in pinned host memory, copied to the device on the

@@ -55,7 +55,6 @@ void load(Driver& d) {
   get("cuDeviceGetName", d.cuDeviceGetName);
   get("cuDeviceGetAttribute", d.cuDeviceGetAttribute);
   get("cuDevicePrimaryCtxRetain", d.cuDevicePrimaryCtxRetain);
-  get("cuDevicePrimaryCtxRelease", d.cuDevicePrimaryCtxRelease);
   get("cuCtxGetCurrent", d.cuCtxGetCurrent);
   get("cuCtxSetCurrent", d.cuCtxSetCurrent);
   get("cuCtxSynchronize", d.cuCtxSynchronize);
@@ -64,16 +63,14 @@ void load(Driver& d) {
   get("cuMemGetInfo", d.cuMemGetInfo);
   get("cuMemHostAlloc", d.cuMemHostAlloc);
   get("cuMemFreeHost", d.cuMemFreeHost);
-  get("cuMemHostRegister", d.cuMemHostRegister);
-  get("cuMemHostUnregister", d.cuMemHostUnregister);
   get("cuMemcpyHtoDAsync", d.cuMemcpyHtoDAsync);
-  get("cuMemcpyDtoH", d.cuMemcpyDtoH);
   get("cuStreamCreate", d.cuStreamCreate);
   get("cuStreamDestroy", d.cuStreamDestroy);
   get("cuStreamSynchronize", d.cuStreamSynchronize);
   get("cuEventCreate", d.cuEventCreate);
   get("cuEventDestroy", d.cuEventDestroy);
   get("cuEventRecord", d.cuEventRecord);
+  get("cuEventQuery", d.cuEventQuery);
   get("cuEventSynchronize", d.cuEventSynchronize);
   get("cuModuleLoadData", d.cuModuleLoadData);
   get("cuModuleGetFunction", d.cuModuleGetFunction);

@@ -135,10 +135,6 @@ std::shared_ptr<Session> Session::shared(const Library& lib) {
   return *g_session;
 }
 
-std::shared_ptr<Session> Session::shared_if_open() {
-  std::lock_guard<std::mutex> lock(g_session_mu);
-  return *g_session;
-}
 
 std::string Session::describe() const {
   if (compat_mode_) return "no nvidia-fs driver: cuFile compatibility mode (POSIX reads inside cuFile)";
@@ -175,8 +171,7 @@ RegisteredBuffer::~RegisteredBuffer() { lib_.cuFileBufDeregister(base_); }
 }  // namespace cufile
 
 CufileInfo cufile_info(const std::string& bundled_library) {
-  // Once the library is loaded the answer cannot change within the process: probe once (the
-  // probe opens and closes the driver, which takes a while).
+  // Once the library is loaded the answer cannot change within the process: ask once.
   static std::mutex mu;
   static std::optional<CufileInfo> probed;
   std::lock_guard<std::mutex> lock(mu);
@@ -195,14 +190,12 @@ CufileInfo cufile_info(const std::string& bundled_library) {
     info.reason = "cuFile needs a CUDA device: " + driver.reason;
   } else {
     try {
-      // The loads' session when there is one; otherwise a short one of the probe's own.
-      std::shared_ptr<cufile::Session> session = cufile::Session::shared_if_open();
-      std::optional<cufile::Session> own;
-      if (!session) own.emplace(lib);
-      const cufile::Session& s = session ? *session : *own;
+      // The session the GDS loads use, opened here if none is yet and kept: opening the driver
+      // is slow, and a load after this question must not pay for it a second time.
+      const std::shared_ptr<cufile::Session> s = cufile::Session::shared(lib);
       info.available = true;
-      info.compat_mode = s.compat_mode();
-      info.driver = s.describe();
+      info.compat_mode = s->compat_mode();
+      info.driver = s->describe();
     } catch (const Error& e) {
       info.reason = e.what();
     }

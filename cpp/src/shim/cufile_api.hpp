@@ -95,8 +95,6 @@ class Session {
   // The session loads share: opened on first use, kept open for the rest of the process,
   // because opening the driver sets up its pinned pools (too slow to pay on every load).
   static std::shared_ptr<Session> shared(const Library& lib);
-  // That session if a load opened it already, else null.
-  static std::shared_ptr<Session> shared_if_open();
 
   bool compat_mode() const noexcept { return compat_mode_; }
   // "nvidia-fs 2.17" or "no nvidia-fs (compatibility mode)".

@@ -55,9 +55,11 @@ def start_load(adapter: Adapter, selection: _core.Selection, device: Any, backen
     Direct Storage when asked for (or, with "auto", where it really works), else the pinned
     staging pipeline, with the reason GDS was not used in the load's stats.
 
+    Pinned staging buffers come from each device's process-wide pool (see release_staging).
     `sinks` (a dict the caller keeps across loads run one after another, such as the groups of
-    a stream) holds each device's staging memory and GDS state, so pinned buffers, registered
-    files and the registered bulk buffer are set up once instead of once per load."""
+    a stream) holds each device's per-stream state: the staged loads' device scratch memory,
+    and GDS's registered files (of this checkpoint) and registered bulk buffer, set up once
+    instead of once per load."""
     index = adapter.cuda_index(device)
     if index is None:
         return selection.start(backend, threads, adapter.alignment, adapter.view_alignment, True)
