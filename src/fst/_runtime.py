@@ -85,19 +85,25 @@ def runtime_info(path: Optional[str] = None) -> dict[str, Any]:
     choose, with the measurements behind the choice."""
     from . import __version__
 
+    driver = _core.cuda_driver_info()
     use_gds, why = gds_choice()
+    if not driver["available"]:
+        # No driver, no GPU load at all: describing the plan a GPU would get would mislead.
+        gpu_backend, gpu_loading = None, f"none ({driver.get('reason') or 'no CUDA driver'})"
+    elif use_gds:
+        gpu_backend = {"backend": "gds", "reason": why}
+        gpu_loading = "GPU Direct Storage: cuFile reads into device memory, one batched kernel launch aligns the tensors"
+    else:
+        gpu_backend = {"backend": "pread", "reason": why}
+        gpu_loading = f"pinned staging buffers + cuMemcpyHtoDAsync ({why})"
     info: dict[str, Any] = {
         "version": __version__,
         "cuda_kernels_built": bool(_core.HAVE_KERNELS),
         "threads": _core.default_threads(),
-        "cuda_driver": _core.cuda_driver_info(),
+        "cuda_driver": driver,
         "cufile": cufile_info(),
-        "gpu_backend": {"backend": "gds" if use_gds else "pread", "reason": why},
-        "gpu_loading": (
-            "GPU Direct Storage: cuFile reads into device memory, one batched kernel launch aligns the tensors"
-            if use_gds
-            else f"pinned staging buffers + cuMemcpyHtoDAsync ({why})"
-        ),
+        "gpu_backend": gpu_backend,
+        "gpu_loading": gpu_loading,
         "staging": _core.staging_usage(),
         "environment": _settings.environment(),
     }

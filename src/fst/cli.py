@@ -557,10 +557,6 @@ def doctor(
 
     data = fst.runtime_info(path)
     drv = data["cuda_driver"]
-    if not drv.get("available"):
-        # No driver, no GPU load: the plan runtime_info describes is what a GPU would get.
-        data["gpu_loading"] = f"none ({drv.get('reason') or 'no CUDA driver'})"
-        data["gpu_backend"] = None
     if path is not None:
         data["path"]["filesystem"] = bm.filesystem_of(data["path"]["files"][0])
     if as_json:
