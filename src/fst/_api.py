@@ -118,7 +118,9 @@ def load(
     progress: show a progress bar on a terminal.
     dtype: convert while loading: one dtype for every floating-point tensor ("bf16",
       torch.float16, ...), or a mapping of name patterns to dtypes (integer tensors change only
-      when a pattern names them). Bit-identical to torch's tensor.to().
+      when a pattern names them). Bit-identical to torch 2.13's CPU tensor.to(), whatever the
+      framework and device (README, "Conversions", says where numpy, JAX and torch 2.11
+      differ).
     process_group, shard (torch): load across the ranks of a torch.distributed group, each
       byte read once; `shard` maps name patterns to the dimension to split (see fst.distributed).
     sharding, mesh, replicate_rest (jax): build sharded jax.Arrays, each process reading only
