@@ -71,6 +71,11 @@ def jax_astype(bits: np.ndarray, s: str, d: str) -> np.ndarray:
 REFERENCES = {"torch": torch_to, "numpy": numpy_astype, "jax": jax_astype}
 
 
+# torch's scalar (non-x86-vector) conversion code gives other NaN payloads: exact NaN bits are
+# torch's only where its AVX2/AVX512 code runs, as in tests/test_convert_host.py.
+STRICT_TORCH_NAN = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
 def fst_convert(bits: np.ndarray, s: str, d: str, mode: str) -> np.ndarray:
     return np.frombuffer(_core.convert(bits.tobytes(), s, d, mode=mode), dtype=UINT[size(d)])
 
@@ -140,6 +145,11 @@ def test_mode_matches_its_framework(framework, pair):
     src = source_bits(s)
     want = REFERENCES[framework](src, s, d)
     got = fst_convert(src, s, d, mode)
+    if framework == "torch" and not STRICT_TORCH_NAN:
+        nan = np.isnan(want.view(NUMPY[d]).astype(np.float64))
+        assert np.array_equal(np.isnan(got.view(NUMPY[d]).astype(np.float64)), nan)
+        got, want = got[~nan], want[~nan]
+        src = src[~nan]
     assert not mismatches(got, want, src), f"{framework} {s}->{d}: " + "; ".join(mismatches(got, want, src))
 
 

@@ -117,8 +117,9 @@ def load(
     threads: I/O threads (default: $FST_THREADS, else the usable CPUs).
     progress: show a progress bar on a terminal.
     dtype: convert while loading: one dtype for every floating-point tensor ("bf16",
-      torch.float16, ...), or a mapping of name patterns to dtypes (integer tensors change only
-      when a pattern names them). Bit-identical to torch 2.13's CPU tensor.to(), whatever the
+      torch.float16, ...), or a mapping of name patterns to dtypes (integer and BOOL tensors
+      change only when a pattern names them, and only to another integer type or BOOL; a float
+      never becomes an integer). Bit-identical to torch 2.13's CPU tensor.to(), whatever the
       framework and device (README, "Conversions", says where numpy, JAX and torch 2.11
       differ).
     process_group, shard (torch): load across the ranks of a torch.distributed group, each

@@ -26,7 +26,8 @@ std::string_view convert_mode_name(ConvertMode m) noexcept;
 std::optional<ConvertMode> convert_mode_from_name(std::string_view name) noexcept;
 
 // True for: any dtype to itself (a copy); every pair among F64, F32, F16, BF16, F8_E4M3 and
-// F8_E5M2; F8_E8M0 to F16, BF16, F32 or F64. The same pairs in every mode.
+// F8_E5M2; F8_E8M0 to F16, BF16, F32 or F64; every pair among BOOL, U8, I8, U16, I16, U32,
+// I32, U64 and I64 (never between those and a float). The same pairs in every mode.
 bool conversion_supported(Dtype from, Dtype to) noexcept;
 
 // Converts `count` elements from `src` (dtype `from`) to `dst` (dtype `to`) by the rules of

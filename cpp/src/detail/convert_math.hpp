@@ -91,10 +91,17 @@ FST_HD constexpr bool is_convertible_float(Dtype d) {
   return d == Dtype::F64 || d == Dtype::F32 || d == Dtype::F16 || d == Dtype::BF16 ||
          d == Dtype::F8_E4M3 || d == Dtype::F8_E5M2;
 }
+// BOOL and the integer types, convertible among themselves (never to or from a float).
+FST_HD constexpr bool is_integral(Dtype d) {
+  return d == Dtype::BOOL || d == Dtype::U8 || d == Dtype::I8 || d == Dtype::U16 ||
+         d == Dtype::I16 || d == Dtype::U32 || d == Dtype::I32 || d == Dtype::U64 ||
+         d == Dtype::I64;
+}
 // F8_E8M0 (a power-of-two scale) only widens: to F16, BF16, F32, F64.
 FST_HD constexpr bool pair_supported(Dtype from, Dtype to) {
   if (from == to) return true;  // a copy, for every dtype
   if (is_convertible_float(from) && is_convertible_float(to)) return true;
+  if (is_integral(from) && is_integral(to)) return true;
   return from == Dtype::F8_E8M0 &&
          (to == Dtype::F16 || to == Dtype::BF16 || to == Dtype::F32 || to == Dtype::F64);
 }
@@ -129,7 +136,23 @@ template <> struct Storage<Dtype::BF16> { using type = std::uint16_t; };
 template <> struct Storage<Dtype::F8_E4M3> { using type = std::uint8_t; };
 template <> struct Storage<Dtype::F8_E5M2> { using type = std::uint8_t; };
 template <> struct Storage<Dtype::F8_E8M0> { using type = std::uint8_t; };
+// Integers are stored unsigned (shifts and loads of their bytes stay defined); value_t is the
+// type whose conversion rules apply.
+template <Dtype D, class Stored, class Value> struct IntStorage {
+  using type = Stored;
+  using value = Value;
+};
+template <> struct Storage<Dtype::BOOL> : IntStorage<Dtype::BOOL, std::uint8_t, std::uint8_t> {};
+template <> struct Storage<Dtype::U8> : IntStorage<Dtype::U8, std::uint8_t, std::uint8_t> {};
+template <> struct Storage<Dtype::I8> : IntStorage<Dtype::I8, std::uint8_t, std::int8_t> {};
+template <> struct Storage<Dtype::U16> : IntStorage<Dtype::U16, std::uint16_t, std::uint16_t> {};
+template <> struct Storage<Dtype::I16> : IntStorage<Dtype::I16, std::uint16_t, std::int16_t> {};
+template <> struct Storage<Dtype::U32> : IntStorage<Dtype::U32, std::uint32_t, std::uint32_t> {};
+template <> struct Storage<Dtype::I32> : IntStorage<Dtype::I32, std::uint32_t, std::int32_t> {};
+template <> struct Storage<Dtype::U64> : IntStorage<Dtype::U64, std::uint64_t, std::uint64_t> {};
+template <> struct Storage<Dtype::I64> : IntStorage<Dtype::I64, std::uint64_t, std::int64_t> {};
 template <Dtype D> using storage_t = typename Storage<D>::type;
+template <Dtype D> using value_t = typename Storage<D>::value;
 
 // ---- narrow -> F32 (results are F32 bit patterns) -----------------------------------------
 // The branches below are written as selects between values that are all computed, so that
@@ -380,12 +403,23 @@ FST_HD storage_t<D> from_f32(std::uint32_t u) {
   else return static_cast<std::uint8_t>(f32_to_e5m2(u));
 }
 
-// One element, as bits, by the rules of mode M. Valid for every (S, D) with
-// pair_supported(S, D) and both storage types defined; S == D is the identity.
+// Between BOOL and integers, as torch, numpy and JAX all do it: BOOL is 1 for every nonzero
+// value (of a BOOL byte too), integers wrap around (sign-extended, then truncated).
+template <Dtype S, Dtype D>
+FST_HD storage_t<D> integral_convert(storage_t<S> x) {
+  if constexpr (S == Dtype::BOOL || D == Dtype::BOOL) return x != 0 ? 1 : 0;
+  else return static_cast<storage_t<D>>(static_cast<value_t<S>>(x));
+}
+
+// One element, as bits, by the rules of mode M (the same in every mode between integers).
+// Valid for every (S, D) with pair_supported(S, D) and both storage types defined; S == D is
+// the identity.
 template <ConvertMode M, Dtype S, Dtype D>
 FST_HD storage_t<D> convert(storage_t<S> x) {
   if constexpr (S == D) {
     return x;
+  } else if constexpr (is_integral(S)) {
+    return integral_convert<S, D>(x);
   } else {
     const storage_t<D> value = from_f32<M, S, D>(to_f32<M, S, D>(x));
     constexpr NanRule rule = nan_rule<M, S, D>();
@@ -429,12 +463,55 @@ FST_HD bool dispatch_pair(Dtype s, Dtype d, F&& f) {
   return false;
 }
 
-// dispatch_pair for a run-time mode; false for an unknown mode too.
+// The integer dtype with the bits of an integer target: a conversion to U8 and one to I8 write
+// the same bytes, so only one of them is instantiated.
+FST_HD constexpr Dtype integral_bits_of(Dtype d) {
+  switch (d) {
+    case Dtype::I8: return Dtype::U8;
+    case Dtype::I16: return Dtype::U16;
+    case Dtype::I32: return Dtype::U32;
+    case Dtype::I64: return Dtype::U64;
+    default: return d;
+  }
+}
+
+// Calls f.template operator()<M, S, D'>() for a conversion between integral dtypes, D' being
+// integral_bits_of(d) (the same for every mode, so M is kTorch); false for anything else.
+template <class F>
+FST_HD bool dispatch_integral(Dtype s, Dtype d, F&& f) {
+  const Dtype t = integral_bits_of(d);
+#define FST_CVT_CASE(S_, D_)                                        \
+  if (s == Dtype::S_ && t == Dtype::D_) {                           \
+    f.template operator()<ConvertMode::kTorch, Dtype::S_, Dtype::D_>(); \
+    return true;                                                    \
+  }
+#define FST_CVT_FROM(S_)                                                             \
+  FST_CVT_CASE(S_, BOOL) FST_CVT_CASE(S_, U8) FST_CVT_CASE(S_, U16) FST_CVT_CASE(S_, U32) \
+  FST_CVT_CASE(S_, U64)
+  if (s == d || !is_integral(s) || !is_integral(d)) return false;
+  FST_CVT_FROM(BOOL)
+  FST_CVT_FROM(U8)
+  FST_CVT_FROM(I8)
+  FST_CVT_FROM(U16)
+  FST_CVT_FROM(I16)
+  FST_CVT_FROM(U32)
+  FST_CVT_FROM(I32)
+  FST_CVT_FROM(U64)
+  FST_CVT_FROM(I64)
+#undef FST_CVT_FROM
+#undef FST_CVT_CASE
+  return false;
+}
+
+// dispatch_pair for a run-time mode, integers included; false for an unknown mode too.
 template <class F>
 FST_HD bool dispatch(ConvertMode m, Dtype s, Dtype d, F&& f) {
+  if (is_integral(s)) return static_cast<unsigned>(m) < kConvertModeCount && dispatch_integral(s, d, f);
   switch (m) {
     case ConvertMode::kTorch: return dispatch_pair<ConvertMode::kTorch>(s, d, f);
-    case ConvertMode::kTorchFp8Nan: return dispatch_pair<ConvertMode::kTorchFp8Nan>(s, d, f);
+    case ConvertMode::kTorchFp8Nan:  // the same as kTorch but for F8_E4M3 targets
+      return d == Dtype::F8_E4M3 ? dispatch_pair<ConvertMode::kTorchFp8Nan>(s, d, f)
+                                 : dispatch_pair<ConvertMode::kTorch>(s, d, f);
     case ConvertMode::kNumpy: return dispatch_pair<ConvertMode::kNumpy>(s, d, f);
     case ConvertMode::kJax: return dispatch_pair<ConvertMode::kJax>(s, d, f);
   }

@@ -42,8 +42,8 @@ struct ConvertTask {
   std::uint64_t count;
   std::uint32_t src_dtype;
   std::uint32_t dst_dtype;
-  std::uint32_t mode;
-  std::uint32_t reserved;  // keeps the size a multiple of 8 (arrays of tasks)
+  std::uint32_t mode = 0;
+  std::uint32_t reserved = 0;  // keeps the size a multiple of 8 (arrays of tasks)
 };
 static_assert(sizeof(ConvertTask) == 40, "ConvertTask layout is part of the kernel ABI");
 
