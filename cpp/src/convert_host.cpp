@@ -204,18 +204,11 @@ void span_table(const cvt::storage_t<S>* __restrict src, cvt::storage_t<D>* __re
   for (std::size_t i = 0; i < n; ++i) dst[i] = t[src[i]];
 }
 
-// Whether mode M converts S -> D exactly as torch does, so that the torch-specific vector
-// loops above serve it: the torch modes differ only in F8_E4M3 targets, and jax differs from
-// torch between F16 and F32/F64 only in F64 -> F16 NaNs.
-template <ConvertMode M, Dtype S, Dtype D>
-constexpr bool same_as_torch() {
-  if constexpr (M == ConvertMode::kTorch || M == ConvertMode::kTorchFp8Nan) return true;
-  else return M == ConvertMode::kJax && S != Dtype::F64 && S != Dtype::BF16 && D != Dtype::BF16;
-}
-
+// The torch-specific vector loops above serve kTorch only; every pair that another mode
+// converts as torch does reaches here as kTorch (cvt::dispatch_mode).
 template <ConvertMode M, Dtype S, Dtype D>
 Span<S, D> pick_span(const Isa& c) {
-  constexpr bool torch = same_as_torch<M, S, D>();
+  constexpr bool torch = M == ConvertMode::kTorch;
   if constexpr (sizeof(cvt::storage_t<S>) == 1) {
 #if defined(FST_CONVERT_X86)
     if constexpr (torch && S == Dtype::F8_E4M3 && D == Dtype::BF16) {

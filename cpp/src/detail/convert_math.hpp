@@ -411,6 +411,20 @@ FST_HD storage_t<D> integral_convert(storage_t<S> x) {
   else return static_cast<storage_t<D>>(static_cast<value_t<S>>(x));
 }
 
+// Whether mode M converts S -> D exactly as kTorch does: then dispatch_mode instantiates the
+// kTorch code for it (one copy in the kernel, and the torch-specific host loops). M enters the
+// arithmetic only through nan_rule, F8_E4M3 targets (overflow), F64 sources (rounding once, or
+// XLA's flush) and F64 targets (XLA's flush).
+template <ConvertMode M, Dtype S, Dtype D>
+FST_HD constexpr bool same_as_torch() {
+  if (M == ConvertMode::kTorch) return true;
+  if (nan_rule<M, S, D>() != NanRule::kComposed || D == Dtype::F8_E4M3) return false;
+  if (M == ConvertMode::kNumpy) return !(S == Dtype::F64 && D == Dtype::F16);
+  if (M == ConvertMode::kJax)
+    return S != Dtype::F64 && !(D == Dtype::F64 && (S == Dtype::F32 || S == Dtype::BF16));
+  return true;
+}
+
 // One element, as bits, by the rules of mode M (the same in every mode between integers).
 // Valid for every (S, D) with pair_supported(S, D) and both storage types defined; S == D is
 // the identity.
@@ -434,14 +448,34 @@ FST_HD storage_t<D> convert(storage_t<S> x) {
   }
 }
 
-// Calls f.template operator()<M, S, D>() for a supported, non-identity pair and returns true;
-// returns false for anything else. Lets host and device code instantiate per-pair loops from
-// run-time dtype codes without spelling out the table twice.
-template <ConvertMode M, class F>
-FST_HD bool dispatch_pair(Dtype s, Dtype d, F&& f) {
+// Calls f.template operator()<E, S, D>() for mode m: E is kTorch wherever m converts S -> D as
+// kTorch does (same_as_torch), so that each distinct conversion is instantiated once (the
+// kernel inlines every call).
+template <Dtype S, Dtype D, class F>
+FST_HD void dispatch_mode(ConvertMode m, F&& f) {
+  constexpr bool fp8_nan = !same_as_torch<ConvertMode::kTorchFp8Nan, S, D>();
+  constexpr bool numpy = !same_as_torch<ConvertMode::kNumpy, S, D>();
+  constexpr bool jax = !same_as_torch<ConvertMode::kJax, S, D>();
+  if constexpr (fp8_nan) {
+    if (m == ConvertMode::kTorchFp8Nan) return f.template operator()<ConvertMode::kTorchFp8Nan, S, D>();
+  }
+  if constexpr (numpy) {
+    if (m == ConvertMode::kNumpy) return f.template operator()<ConvertMode::kNumpy, S, D>();
+  }
+  if constexpr (jax) {
+    if (m == ConvertMode::kJax) return f.template operator()<ConvertMode::kJax, S, D>();
+  }
+  f.template operator()<ConvertMode::kTorch, S, D>();
+}
+
+// Calls dispatch_mode<S, D>(m, f) for a supported, non-identity pair of floats and returns
+// true; returns false for anything else. Lets host and device code instantiate per-pair loops
+// from run-time dtype codes without spelling out the table twice.
+template <class F>
+FST_HD bool dispatch_pair(ConvertMode m, Dtype s, Dtype d, F&& f) {
 #define FST_CVT_CASE(S_, D_)                              \
   if (s == Dtype::S_ && d == Dtype::D_) {                 \
-    f.template operator()<M, Dtype::S_, Dtype::D_>();     \
+    dispatch_mode<Dtype::S_, Dtype::D_>(m, f);            \
     return true;                                          \
   }
 #define FST_CVT_FROM(S_)                                                              \
@@ -503,19 +537,13 @@ FST_HD bool dispatch_integral(Dtype s, Dtype d, F&& f) {
   return false;
 }
 
-// dispatch_pair for a run-time mode, integers included; false for an unknown mode too.
+// Calls f.template operator()<E, S, D>() (see dispatch_mode and dispatch_integral) for a
+// supported, non-identity pair in mode m and returns true; false for anything else, an unknown
+// mode included.
 template <class F>
 FST_HD bool dispatch(ConvertMode m, Dtype s, Dtype d, F&& f) {
-  if (is_integral(s)) return static_cast<unsigned>(m) < kConvertModeCount && dispatch_integral(s, d, f);
-  switch (m) {
-    case ConvertMode::kTorch: return dispatch_pair<ConvertMode::kTorch>(s, d, f);
-    case ConvertMode::kTorchFp8Nan:  // the same as kTorch but for F8_E4M3 targets
-      return d == Dtype::F8_E4M3 ? dispatch_pair<ConvertMode::kTorchFp8Nan>(s, d, f)
-                                 : dispatch_pair<ConvertMode::kTorch>(s, d, f);
-    case ConvertMode::kNumpy: return dispatch_pair<ConvertMode::kNumpy>(s, d, f);
-    case ConvertMode::kJax: return dispatch_pair<ConvertMode::kJax>(s, d, f);
-  }
-  return false;
+  if (static_cast<unsigned>(m) >= kConvertModeCount) return false;
+  return is_integral(s) ? dispatch_integral(s, d, f) : dispatch_pair(m, s, d, f);
 }
 
 }  // namespace fst::detail::cvt
