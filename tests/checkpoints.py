@@ -93,7 +93,7 @@ def load_conversion(t, target):
     from fst import _core
     from fst.adapters.torch import conversion_mode
 
-    if conversion_mode() == "torch":
+    if conversion_mode() == "torch" or t.numel() == 0:  # (torch.frombuffer refuses no bytes)
         return t.to(target)
     names = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
              torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.float8_e8m0fnu: "F8_E8M0"}
