@@ -169,8 +169,8 @@ py::object numpy_array(const ExportItem& item, const py::list& dtypes, py::handl
                        const std::string& name) {
   py::object dt = dtypes[static_cast<std::size_t>(item.dtype)];
   if (dt.is_none())
-    throw UnsupportedError("tensor '" + name + "': " + std::string(dtype_name(item.dtype)) +
-                           " has no numpy dtype (use framework='torch')");
+    throw UnsupportedError("tensor '" + name + "': " + std::string(dtype_name(item.dtype)) + " has no numpy dtype" +
+                           (item.dtype == Dtype::F4 ? " (use framework='torch')" : ""));
   std::vector<py::ssize_t> shape(item.shape.begin(), item.shape.end());
   // Row-major strides, computed here rather than by pybind11: an empty tensor may have other
   // dimensions so large that their product overflows, and any strides serve an empty array.

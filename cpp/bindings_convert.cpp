@@ -1,6 +1,6 @@
 // Python bindings of the conversion and move arithmetic: fst._core.convert (host),
-// fst._core.convert_on_device and fst._core.move_on_device (the CUDA kernels on device memory)
-// and fst._core.conversion_supported. Registered by fst_register_convert(), called from the module
+// fst._core.convert_on_device and fst._core.move_on_device (the CUDA kernels on device memory),
+// fst._core.conversion_supported and fst._core.CONVERT_MODES. Registered by fst_register_convert(), called from the module
 // definition in bindings.cpp.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -29,6 +29,12 @@ fst::Dtype parse_dtype(const std::string& name) {
   const auto d = fst::dtype_from_name(name);
   if (!d) throw py::value_error("unknown dtype '" + name + "'");
   return *d;
+}
+
+fst::ConvertMode parse_mode(const std::string& name) {
+  const auto m = fst::convert_mode_from_name(name);
+  if (!m) throw py::value_error("unknown conversion mode '" + name + "'");
+  return *m;
 }
 
 // A contiguous view of an object with the buffer protocol, released on scope exit.
@@ -65,9 +71,11 @@ void advise_huge_pages(void* p, std::size_t n) {
 }
 
 py::object convert(const py::object& src, const std::string& src_dtype,
-                   const std::string& dst_dtype, int threads, const py::object& out) {
+                   const std::string& dst_dtype, int threads, const py::object& out,
+                   const std::string& mode_name) {
   fst::Dtype from = parse_dtype(src_dtype);
   fst::Dtype to = parse_dtype(dst_dtype);
+  const fst::ConvertMode mode = parse_mode(mode_name);
   if (threads < 0) throw py::value_error("threads must be >= 0");
   if (!fst::conversion_supported(from, to))
     throw fst::UnsupportedError("conversion from " + src_dtype + " to " + dst_dtype +
@@ -109,7 +117,7 @@ py::object convert(const py::object& src, const std::string& src_dtype,
   if (nt == 0) nt = std::thread::hardware_concurrency();
   if (count) {
     py::gil_scoped_release nogil;
-    fst::convert_host(in.data(), from, dst, to, count, nt);
+    fst::convert_host(in.data(), from, dst, to, count, nt, mode);
   }
   return result;
 }
@@ -117,26 +125,35 @@ py::object convert(const py::object& src, const std::string& src_dtype,
 }  // namespace
 
 void fst_register_convert(py::module_& m) {
+  py::list modes;
+  for (unsigned i = 0; i < fst::kConvertModeCount; ++i)
+    modes.append(py::str(std::string(fst::convert_mode_name(static_cast<fst::ConvertMode>(i)))));
+  m.attr("CONVERT_MODES") = py::tuple(modes);
   m.def("convert", &convert, py::arg("src"), py::arg("src_dtype"), py::arg("dst_dtype"),
-        py::arg("threads") = 0, py::arg("out") = py::none(),
+        py::arg("threads") = 0, py::arg("out") = py::none(), py::arg("mode") = "torch",
         "Convert the elements of a contiguous buffer from src_dtype to dst_dtype (safetensors\n"
-        "dtype names such as \"BF16\", \"F8_E4M3\"), bit-identical to torch's CPU\n"
-        "tensor.to(). Returns a new bytearray, or writes into `out` (a writable contiguous\n"
-        "buffer of exactly the converted size, not overlapping src) and returns it.\n"
-        "threads=0 uses every hardware thread. The GIL is released while converting.");
+        "dtype names such as \"BF16\", \"F8_E4M3\"), bit-identical to the CPU conversion of the\n"
+        "reference `mode` names (one of CONVERT_MODES: \"torch\", torch 2.13's tensor.to();\n"
+        "\"torch-fp8-nan\", torch 2.11's; \"numpy\", astype with ml_dtypes; \"jax\", XLA's CPU\n"
+        "astype). Returns a new bytearray, or writes into `out` (a writable contiguous buffer of\n"
+        "exactly the converted size, not overlapping src) and returns it. threads=0 uses every\n"
+        "hardware thread. The GIL is released while converting.");
   m.def(
       "convert_on_device",
       [](int device, std::uint64_t src, const std::string& src_dtype, std::uint64_t dst,
-         const std::string& dst_dtype, std::uint64_t count, unsigned repeats) {
+         const std::string& dst_dtype, std::uint64_t count, unsigned repeats,
+         const std::string& mode_name) {
         const fst::Dtype from = parse_dtype(src_dtype), to = parse_dtype(dst_dtype);
+        const fst::ConvertMode mode = parse_mode(mode_name);
         py::gil_scoped_release nogil;
-        fst::convert_on_device(device, src, from, dst, to, count, repeats);
+        fst::convert_on_device(device, src, from, dst, to, count, repeats, mode);
       },
       py::arg("device"), py::arg("src"), py::arg("src_dtype"), py::arg("dst"), py::arg("dst_dtype"),
-      py::arg("count"), py::arg("repeats") = 1,
+      py::arg("count"), py::arg("repeats") = 1, py::arg("mode") = "torch",
       "Convert `count` elements at device address src into dst on CUDA device `device` with\n"
-      "fst's batched conversion kernel, `repeats` launches in a row on the legacy default\n"
-      "stream, and wait for them. Addresses come from the framework (torch: data_ptr()).");
+      "fst's batched conversion kernel by the rules of `mode` (as convert()), `repeats`\n"
+      "launches in a row on the legacy default stream, and wait for them. Addresses come from\n"
+      "the framework (torch: data_ptr()).");
   m.def(
       "move_on_device",
       [](int device, const std::vector<std::tuple<std::uint64_t, std::uint64_t, std::uint64_t>>& moves,

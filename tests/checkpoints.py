@@ -82,3 +82,20 @@ def assert_same_bits(got, want, label: str) -> None:
     bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
     differ = a.view(bits) != b.view(bits)
     assert bool(a[differ].float().isnan().all() and b[differ].float().isnan().all()), label
+
+
+def load_conversion(t, target):
+    """torch tensor `t` converted to torch dtype `target` as fst's dtype= loads convert it: the
+    "torch" conversion mode, torch 2.13's CPU .to(). Where the installed torch is an earlier
+    release (whose F8_E4M3 overflow is NaN), fst's host conversion in that mode stands in."""
+    import torch
+
+    from fst import _core
+    from fst.adapters.torch import conversion_mode
+
+    if conversion_mode() == "torch" or t.numel() == 0:  # (torch.frombuffer refuses no bytes)
+        return t.to(target)
+    names = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+             torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.float8_e8m0fnu: "F8_E8M0"}
+    out = _core.convert(raw_bytes(t), names[t.dtype], names[target], mode="torch")
+    return torch.frombuffer(out, dtype=torch.uint8).view(target).reshape(t.shape)

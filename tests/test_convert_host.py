@@ -1,4 +1,6 @@
-"""Host dtype conversion (fst._core.convert) against torch's CPU ``tensor.to()``, bit for bit.
+"""Host dtype conversion (fst._core.convert) against torch's CPU ``tensor.to()``, bit for bit, in
+the conversion mode fst picks for the installed torch (tests/test_conversion_reference.py covers
+the other modes and references).
 
 Every bit pattern of the 8- and 16-bit float types is converted to every supported target;
 F32 and F64 sources are covered with millions of random bit patterns, random values inside
@@ -17,6 +19,7 @@ torch = pytest.importorskip("torch")
 ml_dtypes = pytest.importorskip("ml_dtypes")
 
 from fst import _core  # noqa: E402
+from fst.adapters.torch import conversion_mode  # noqa: E402
 
 FLOATS = ["F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"]
 TORCH_DTYPE = {
@@ -86,7 +89,7 @@ def torch_convert(bits: np.ndarray, src: str, dst: str) -> np.ndarray:
 
 
 def fst_convert(bits: np.ndarray, src: str, dst: str, threads: int = 0) -> np.ndarray:
-    out = _core.convert(np.ascontiguousarray(bits), src, dst, threads)
+    out = _core.convert(np.ascontiguousarray(bits), src, dst, threads, mode=conversion_mode())
     assert isinstance(out, bytearray)
     assert len(out) == bits.size * SIZE[dst]
     return np.frombuffer(out, dtype=UINT[SIZE[dst]])
@@ -309,7 +312,7 @@ def test_unaligned_source(src, dst, offset):
     bits = random_patterns(src, 5000)
     raw = bytearray(offset) + bytearray(bits.tobytes())
     view = memoryview(raw)[offset:]
-    got = np.frombuffer(_core.convert(view, src, dst, 1), dtype=UINT[SIZE[dst]])
+    got = np.frombuffer(_core.convert(view, src, dst, 1, mode=conversion_mode()), dtype=UINT[SIZE[dst]])
     assert np.array_equal(got, fst_convert(bits, src, dst))
 
 
@@ -332,6 +335,9 @@ def test_conversion_supported():
     assert not _core.conversion_supported("F32", "F8_E8M0")
     assert not _core.conversion_supported("F8_E8M0", "F8_E4M3")
     assert not _core.conversion_supported("I32", "F32")
+    assert not _core.conversion_supported("F32", "I32")
+    assert not _core.conversion_supported("BOOL", "F16")
+    assert _core.conversion_supported("I64", "BOOL") and _core.conversion_supported("BOOL", "U16")
     with pytest.raises(ValueError):
         _core.conversion_supported("F33", "F32")
 

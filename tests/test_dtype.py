@@ -1,4 +1,5 @@
-"""dtype= conversion while loading: bit for bit what torch's tensor.to() gives."""
+"""dtype= conversion while loading: bit for bit what torch 2.13's tensor.to() gives (every
+framework today), integers and BOOL as torch's .to() and numpy's astype both do them."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 import fst
-from checkpoints import raw_bytes, write
+from checkpoints import load_conversion, raw_bytes, write
 from fst.adapters import get_adapter
 
 FLOATS = ["F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"]
@@ -34,7 +35,7 @@ def test_every_float_to_every_float(floats, target, backend):
     got = fst.load(floats, framework="torch", dtype=target, backend=backend, keys=keys)
     assert sorted(got) == sorted(ref)
     for name, t in got.items():
-        want = ref[name].to(TORCH[target]) if ref[name].is_floating_point() else ref[name]
+        want = load_conversion(ref[name], TORCH[target]) if ref[name].is_floating_point() else ref[name]
         assert t.dtype == want.dtype, name
         assert raw_bytes(t) == raw_bytes(want), f"{name} -> {target}"
         if t.dtype != ref[name].dtype:  # converted: placed by fst
@@ -85,7 +86,7 @@ def test_staged_loads_convert_in_the_pipeline(floats, buffer_bytes):
         assert loaded.casts == []
         got = get_adapter("torch").export(loaded, "cpu")
         for name, t in got.items():
-            want = ref[name].to(TORCH[target]) if ref[name].is_floating_point() else ref[name]
+            want = load_conversion(ref[name], TORCH[target]) if ref[name].is_floating_point() else ref[name]
             assert raw_bytes(t) == raw_bytes(want), f"{name} -> {target}"
             assert t.data_ptr() % 256 == 0
 
@@ -105,11 +106,82 @@ def test_framework_casts_when_the_device_cannot_convert(floats):
 def test_conversion_errors(floats, tmp_path):
     with pytest.raises(fst.UnsupportedError, match="tensor 'ints': no conversion from I32 to F32"):
         fst.load(floats, dtype={"ints": "f32"})
-    with pytest.raises(ValueError, match="not a dtype"):
-        fst.load(floats, dtype="complex128")
+    with pytest.raises(fst.UnsupportedError, match="tensor 'F32': no conversion from F32 to I32"):
+        fst.load(floats, dtype={"F32": "int32"})
+    with pytest.raises(fst.UnsupportedError, match="tensor 'flag': no conversion from BOOL to BF16"):
+        fst.load(floats, framework="torch", dtype={"flag": torch.bfloat16})
+    for name in ("complex128", "f8_e8m0", "float8_e8m0fnu"):  # F8_E8M0 is a source only
+        with pytest.raises(ValueError, match="not a dtype"):
+            fst.load(floats, dtype=name)
     f4 = write(tmp_path / "f4.safetensors", [("w", "F4", [2, 4])])
     with pytest.raises(fst.UnsupportedError, match="from F4"):
         fst.load(f4, framework="torch", dtype="bf16")
+
+
+def test_numpy_refusals_suggest_torch_only_where_torch_helps(tmp_path):
+    path = write(tmp_path / "sub.safetensors", [("f4", "F4", [2, 4]), ("f6", "F6_E2M3", [4, 4])])
+    with pytest.raises(fst.UnsupportedError, match=r"F4 has no numpy dtype \(use framework='torch'\)"):
+        fst.load(path, keys=["f4"])
+    with pytest.raises(fst.UnsupportedError, match="F6_E2M3 has no numpy dtype") as err:
+        fst.load(path, keys=["f6"])
+    assert "framework=" not in str(err.value)
+
+
+INTS = ["BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64"]
+NP_INT = {"BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "U16": np.uint16, "I16": np.int16,
+          "U32": np.uint32, "I32": np.int32, "U64": np.uint64, "I64": np.int64}
+TORCH_INT = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "U16": torch.uint16, "I16": torch.int16,
+             "U32": torch.uint32, "I32": torch.int32, "U64": torch.uint64, "I64": torch.int64}
+
+
+def _int_sources(name: str) -> np.ndarray:
+    """Every bit pattern of the 8- and 16-bit types; edges and random ones of the wider."""
+    width = np.dtype(NP_INT[name]).itemsize
+    unsigned = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[width]
+    if width <= 2:
+        return np.arange(1 << (8 * width), dtype=np.uint64).astype(unsigned).view(NP_INT[name])
+    bits = 8 * width
+    edges = [0, 1, 2, 0x7F, 0x80, 0xFF, 0x100, 0x7FFF, 0x8000, 0xFFFF, 0x10000, (1 << (bits - 1)) - 1,
+             1 << (bits - 1), (1 << bits) - 1, (1 << bits) - 2, 0x80000000 % (1 << bits), 0xFFFFFFFF % (1 << bits)]
+    rand = np.random.default_rng(5).integers(0, 1 << 63, 5000, dtype=np.uint64).astype(unsigned)
+    return np.concatenate([np.array(edges, dtype=np.uint64).astype(unsigned), rand]).view(NP_INT[name])
+
+
+@pytest.mark.parametrize("src", INTS)
+def test_integer_and_bool_conversions_match_torch_and_numpy(src):
+    """Wraparound and bool = nonzero, as torch's .to() and numpy's astype do them (which agree),
+    in every mode; BOOL bytes other than 0 and 1 included."""
+    values = _int_sources(src)
+    raw = values.view(np.uint8).tobytes()
+    for dst in INTS:
+        if dst == src:
+            continue
+        want_np = values.astype(NP_INT[dst]).view(np.uint8).tobytes()
+        tv = torch.from_numpy(values.view(np.uint8).copy()).view(TORCH_INT[src])
+        want_torch = tv.to(TORCH_INT[dst]).view(torch.uint8).numpy().tobytes()
+        for mode in fst._core.CONVERT_MODES:
+            got = bytes(fst._core.convert(raw, src, dst, mode=mode))
+            assert got == want_torch, f"{mode} {src}->{dst} (torch)"
+            assert got == want_np, f"{mode} {src}->{dst} (numpy)"
+
+
+def test_integer_targets_while_loading(tmp_path):
+    path = write(tmp_path / "ints.safetensors", [("a", "I32", [1000]), ("b", "BOOL", [77]), ("c", "U8", [300])],
+                 prefix=b"\x05")
+    rules = {"a": "i8", "b": "int64", "c": np.bool_}
+    ref_t = fst.load(path, framework="torch")
+    got_t = fst.load(path, framework="torch", dtype=rules)
+    for name, target in (("a", torch.int8), ("b", torch.int64), ("c", torch.bool)):
+        assert got_t[name].dtype == target
+        assert raw_bytes(got_t[name]) == raw_bytes(ref_t[name].to(target)), name
+    ref_n = fst.load(path)
+    got_n = fst.load(path, dtype=rules)
+    for name, target in (("a", np.int8), ("b", np.int64), ("c", np.bool_)):
+        assert got_n[name].dtype == target
+        assert raw_bytes(got_n[name]) == raw_bytes(ref_n[name].astype(target)), name
+    # Integers change only when a rule names them: a bare target is for floating tensors.
+    assert {t.dtype for t in fst.load(path, framework="torch", dtype="i64").values()} == {
+        torch.int32, torch.bool, torch.uint8}
 
 
 def test_dtype_with_sharded_jax_loads(floats):

@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 
 import fst
-from checkpoints import ALL_DTYPES, assert_same_bits, raw_bytes, write
+from checkpoints import ALL_DTYPES, assert_same_bits, load_conversion, raw_bytes, write
 
 torch = pytest.importorskip("torch")
 import safetensors  # noqa: E402
+
+from fst.adapters.torch import conversion_mode  # noqa: E402
 
 CUDA = fst._core.cuda_driver_info()["available"] and torch.cuda.is_available()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA device")]
@@ -161,8 +163,9 @@ def _all_bit_patterns(tmp_path):
 
 @pytest.mark.parametrize("target", ["F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"])
 def test_device_conversion_kernels_match_torch(tmp_path, target):
-    """Every bit pattern through the conversion kernel (dtype= on a GPU load), against
-    torch's CPU tensor.to(), bit for bit; small staging buffers so tensors span requests."""
+    """Every bit pattern through the conversion kernel (dtype= on a GPU load), against what
+    loads promise (torch 2.13's CPU tensor.to()), bit for bit; small staging buffers so tensors
+    span requests."""
     torch_dtype = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}[target]
     path = _all_bit_patterns(tmp_path)
@@ -175,7 +178,7 @@ def test_device_conversion_kernels_match_torch(tmp_path, target):
         del os.environ["FST_STAGING_BUFFER"]
     for name, t in got.items():
         assert t.device.type == "cuda" and t.dtype == torch_dtype, name
-        assert_same_bits(t, ref[name].to(torch_dtype), f"{name} -> {target}")
+        assert_same_bits(t, load_conversion(ref[name], torch_dtype), f"{name} -> {target}")
 
 
 _TORCH = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
@@ -187,7 +190,8 @@ _TORCH = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat1
 def test_conversion_kernel_on_large_tensors_writes_every_element(pair):
     """Millions of random bit patterns (every sign, exponent and payload, so NaN, infinities and
     subnormals too) at odd sizes and addresses through fst's kernel on device memory, into an
-    output poisoned beforehand: bit for bit what torch's CPU tensor.to() gives."""
+    output poisoned beforehand: bit for bit what the installed torch's CPU tensor.to() gives,
+    in the conversion mode fst picks for that torch."""
     src, dst = pair.split(":")
     s_t, d_t = getattr(torch, _TORCH[src]), getattr(torch, _TORCH[dst])
     gen = torch.Generator().manual_seed(7)
@@ -199,10 +203,31 @@ def test_conversion_kernel_on_large_tensors_writes_every_element(pair):
     dev_raw = raw.cuda()
     out = torch.full((count * want.element_size() + 3,), 0xA5, dtype=torch.uint8, device="cuda")
     fst._core.convert_on_device(torch.cuda.current_device(), dev_raw.data_ptr() + 1, src,
-                                out.data_ptr() + 1, dst, count)
+                                out.data_ptr() + 1, dst, count, mode=conversion_mode())
     got = out[1:-2].cpu().clone()  # a tensor of its own (offset 0), so it can be viewed as d_t
     assert out[0].item() == 0xA5 and out[-2:].tolist() == [0xA5, 0xA5]  # nothing outside written
     assert_same_bits(got.view(d_t), want, pair)
+
+
+@pytest.mark.parametrize("mode", fst._core.CONVERT_MODES)
+def test_conversion_kernel_follows_the_host_twin_in_every_mode(mode):
+    """A GPU target follows the same reference as the CPU: every 16-bit pattern (and random
+    F32/F64 ones) through the kernel in each mode, against the host conversion of that mode
+    (which tests/test_conversion_reference.py checks against the frameworks themselves)."""
+    gen = torch.Generator().manual_seed(11)
+    for src, dst in [(s, d) for s in _TORCH for d in _TORCH if s != d] + [("F8_E8M0", "F32"), ("F8_E8M0", "F64")]:
+        width = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}.get(src, 1)
+        if width <= 2:
+            raw = torch.arange(1 << (8 * width), dtype=torch.int32).to(torch.int16 if width == 2 else torch.uint8)
+            raw = raw.view(torch.uint8)
+        else:
+            raw = torch.randint(0, 256, (width * 200_003,), dtype=torch.uint8, generator=gen)
+        want = fst._core.convert(raw.numpy().tobytes(), src, dst, mode=mode)
+        out = torch.empty(len(want), dtype=torch.uint8, device="cuda")
+        dev = raw.cuda()
+        fst._core.convert_on_device(torch.cuda.current_device(), dev.data_ptr(), src, out.data_ptr(), dst,
+                                    raw.numel() // width, mode=mode)
+        assert bytes(out.cpu().numpy()) == bytes(want), f"{mode} {src}->{dst}"
 
 
 def _random_moves(gen, src_len: int, n: int):
@@ -322,7 +347,7 @@ def test_gds_converts_on_the_device(gds_dir, target, monkeypatch):
     assert fst.last_load_stats()["backend"] == "gds"
     for name, t in got.items():
         assert t.device.type == "cuda" and t.dtype == torch_dtype and t.data_ptr() % 256 == 0, name
-        assert_same_bits(t, ref[name].to(torch_dtype), f"{name} -> {target}")
+        assert_same_bits(t, load_conversion(ref[name], torch_dtype), f"{name} -> {target}")
 
 
 @needs_gds

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import fst
-from checkpoints import assert_same_bits, raw_bytes, write
+from checkpoints import assert_same_bits, load_conversion, raw_bytes, write
 
 _EXAMPLES = os.environ.get("FST_FUZZ_EXAMPLES")
 PROPERTY = settings(
@@ -78,7 +78,7 @@ def _expected(ref: dict, name: str, first: int, rows, target):
     if rows is not None:
         t = t[first:first + rows]
     if target is not None and t.is_floating_point():
-        t = t.to(TORCH[target])
+        t = load_conversion(t, TORCH[target])
     return t
 
 

@@ -6,9 +6,10 @@
 //                                                uint32_t n_tasks);
 //       Converts every task of the array (in device memory) in one launch. Launch shape and
 //       the overlap contract: see cpp/src/detail/kernel_abi.hpp. Element arithmetic:
-//       cpp/src/detail/convert_math.hpp (bit-identical to the host conversion and to torch's
-//       CPU tensor.to()). Identity tasks (src_dtype == dst_dtype) are byte copies; tasks with
-//       an unsupported pair are skipped.
+//       cpp/src/detail/convert_math.hpp, by the task's mode (bit-identical to the host
+//       conversion, and to the CPU conversion of the framework the mode names). Identity tasks
+//       (src_dtype == dst_dtype) are byte copies; tasks with an unsupported pair or mode are
+//       skipped.
 //
 // Per task, when the source and destination can reach 16-byte alignment at the same element,
 // the body is converted with 16-byte vector loads and stores (a scalar head and tail around
@@ -101,7 +102,7 @@ __device__ __forceinline__ unsigned elem_size(std::uint32_t code) {
   return cvt::bits_per_element(static_cast<Dtype>(code)) / 8;
 }
 
-template <Dtype S, Dtype D>
+template <ConvertMode M, Dtype S, Dtype D>
 __device__ __forceinline__ void convert_scalar_range(const ConvertTask& t, std::uint64_t begin,
                                                      std::uint64_t end, std::uint64_t step) {
   using SrcT = cvt::storage_t<S>;
@@ -112,11 +113,11 @@ __device__ __forceinline__ void convert_scalar_range(const ConvertTask& t, std::
   const bool da = (t.dst % sizeof(DstT)) == 0;
   for (std::uint64_t i = begin; i < end; i += step) {
     const SrcT x = load_elem<SrcT>(s + i * sizeof(SrcT), sa);
-    store_elem<DstT>(d + i * sizeof(DstT), cvt::convert<S, D>(x), da);
+    store_elem<DstT>(d + i * sizeof(DstT), cvt::convert<M, S, D>(x), da);
   }
 }
 
-template <Dtype S, Dtype D>
+template <ConvertMode M, Dtype S, Dtype D>
 __device__ __forceinline__ void convert_chunk(const ConvertTask& t, const ConvertPlan& p,
                                               std::uint64_t j, unsigned tid, unsigned ntid) {
   using Shape = PairShape<S, D>;
@@ -128,12 +129,12 @@ __device__ __forceinline__ void convert_chunk(const ConvertTask& t, const Conver
     const std::uint64_t per_chunk = bd * U * G;
     const std::uint64_t begin = j * per_chunk;
     const std::uint64_t end = begin + per_chunk < t.count ? begin + per_chunk : t.count;
-    convert_scalar_range<S, D>(t, begin + tid, end, bd);
+    convert_scalar_range<M, S, D>(t, begin + tid, end, bd);
     return;
   }
   if (j == 0) {
-    convert_scalar_range<S, D>(t, tid, p.head, bd);
-    convert_scalar_range<S, D>(t, p.head + p.groups * G + tid, t.count, bd);
+    convert_scalar_range<M, S, D>(t, tid, p.head, bd);
+    convert_scalar_range<M, S, D>(t, p.head + p.groups * G + tid, t.count, bd);
   }
   const uint4* __restrict__ sv = reinterpret_cast<const uint4*>(t.src + p.head * sizeof(SrcT));
   uint4* __restrict__ dv = reinterpret_cast<uint4*>(t.dst + p.head * sizeof(DstT));
@@ -151,7 +152,7 @@ __device__ __forceinline__ void convert_chunk(const ConvertTask& t, const Conver
       DstT y[G];
       memcpy(x, in, sizeof x);
 #pragma unroll
-      for (unsigned e = 0; e < G; ++e) y[e] = cvt::convert<S, D>(x[e]);
+      for (unsigned e = 0; e < G; ++e) y[e] = cvt::convert<M, S, D>(x[e]);
       uint4 out[Shape::kOutVecs];
       memcpy(out, y, sizeof out);
 #pragma unroll
@@ -161,21 +162,21 @@ __device__ __forceinline__ void convert_chunk(const ConvertTask& t, const Conver
 }
 
 // All chunks of a conversion task that fall to this block.
-template <Dtype S, Dtype D>
+template <ConvertMode M, Dtype S, Dtype D>
 __device__ __forceinline__ void run_chunks(const ConvertTask& t, const ConvertPlan& p,
                                            std::uint64_t first, std::uint64_t count,
                                            std::uint64_t stride) {
   const unsigned tid = threadIdx.x, ntid = blockDim.x;
-  for (std::uint64_t j = first; j < count; j += stride) convert_chunk<S, D>(t, p, j, tid, ntid);
+  for (std::uint64_t j = first; j < count; j += stride) convert_chunk<M, S, D>(t, p, j, tid, ntid);
 }
 
 struct ChunkRunner {
   const ConvertTask& task;
   const ConvertPlan& plan;
   std::uint64_t first, count, stride;
-  template <Dtype S, Dtype D>
+  template <ConvertMode M, Dtype S, Dtype D>
   __device__ __forceinline__ void operator()() const {
-    run_chunks<S, D>(task, plan, first, count, stride);
+    run_chunks<M, S, D>(task, plan, first, count, stride);
   }
 };
 
@@ -192,7 +193,8 @@ struct ConvertChunks {
   __device__ __forceinline__ std::uint64_t operator()(const ConvertTask& t) const {
     if (!valid_code(t.src_dtype) || !valid_code(t.dst_dtype)) return 0;
     if (t.src_dtype == t.dst_dtype) return plan_move(t.src, t.dst, copy_bytes(t)).chunks;
-    if (!cvt::pair_supported(static_cast<Dtype>(t.src_dtype), static_cast<Dtype>(t.dst_dtype)))
+    if (!cvt::pair_supported(static_cast<Dtype>(t.src_dtype), static_cast<Dtype>(t.dst_dtype)) ||
+        t.mode >= kConvertModeCount)
       return 0;
     return plan_convert(t, elem_size(t.src_dtype), elem_size(t.dst_dtype)).chunks;
   }
@@ -206,8 +208,8 @@ struct ConvertBody {
       return;
     }
     const ConvertPlan p = plan_convert(t, elem_size(t.src_dtype), elem_size(t.dst_dtype));
-    cvt::dispatch_pair(static_cast<Dtype>(t.src_dtype), static_cast<Dtype>(t.dst_dtype),
-                       ChunkRunner{t, p, first, count, stride});
+    cvt::dispatch(static_cast<ConvertMode>(t.mode), static_cast<Dtype>(t.src_dtype),
+                  static_cast<Dtype>(t.dst_dtype), ChunkRunner{t, p, first, count, stride});
   }
 };
 

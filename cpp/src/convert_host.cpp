@@ -16,6 +16,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <string_view>
 #include <system_error>
 #include <thread>
 #include <vector>
@@ -57,27 +58,27 @@ template <Dtype S, Dtype D>
 using Span = void (*)(const cvt::storage_t<S>*, cvt::storage_t<D>*, std::size_t);
 
 // The element loop for the baseline instruction set.
-template <Dtype S, Dtype D>
+template <ConvertMode M, Dtype S, Dtype D>
 void span_baseline(const cvt::storage_t<S>* __restrict src, cvt::storage_t<D>* __restrict dst,
                    std::size_t n) {
-  for (std::size_t i = 0; i < n; ++i) dst[i] = cvt::convert<S, D>(src[i]);
+  for (std::size_t i = 0; i < n; ++i) dst[i] = cvt::convert<M, S, D>(src[i]);
 }
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define FST_CONVERT_X86 1
 // The same loop compiled for AVX2 (twice the vector width, and blends, unsigned minimum and
 // packing instructions that SSE2 lacks), chosen at run time.
-template <Dtype S, Dtype D>
+template <ConvertMode M, Dtype S, Dtype D>
 __attribute__((target("avx2"))) void span_avx2(const cvt::storage_t<S>* __restrict src,
                                                 cvt::storage_t<D>* __restrict dst,
                                                 std::size_t n) {
-  for (std::size_t i = 0; i < n; ++i) dst[i] = cvt::convert<S, D>(src[i]);
+  for (std::size_t i = 0; i < n; ++i) dst[i] = cvt::convert<M, S, D>(src[i]);
 }
 
 // Conversions to and from F16 with the F16C instructions. VCVTPS2PH (round to nearest even)
-// and VCVTPH2PS are the F32 <-> F16 rules of convert_math.hpp, NaNs included, and VCVTPD2PS /
-// VCVTPS2PD its F64 <-> F32 rules, so these agree bit for bit with the portable loops (the
-// tests run both).
+// and VCVTPH2PS are the F32 <-> F16 rules of convert_math.hpp's torch modes, NaNs included,
+// and VCVTPD2PS / VCVTPS2PD its F64 <-> F32 rules, so these agree bit for bit with the
+// portable loops of those modes (the tests run both). pick_span says where other modes agree.
 #define FST_F16C __attribute__((target("avx2,f16c")))
 
 FST_F16C inline __m256 load8_as_f32(const std::uint32_t* p) {
@@ -103,7 +104,7 @@ FST_F16C void span_to_f16_f16c(const cvt::storage_t<S>* __restrict src,
     const __m128i h = _mm256_cvtps_ph(load8_as_f32(src + i), _MM_FROUND_TO_NEAREST_INT);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), h);
   }
-  for (; i < n; ++i) dst[i] = cvt::convert<S, Dtype::F16>(src[i]);
+  for (; i < n; ++i) dst[i] = cvt::convert<ConvertMode::kTorch, S, Dtype::F16>(src[i]);
 }
 
 FST_F16C void span_f16_to_f32_f16c(const std::uint16_t* __restrict src,
@@ -113,7 +114,7 @@ FST_F16C void span_f16_to_f32_f16c(const std::uint16_t* __restrict src,
     const __m256 f = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm256_castps_si256(f));
   }
-  for (; i < n; ++i) dst[i] = cvt::convert<Dtype::F16, Dtype::F32>(src[i]);
+  for (; i < n; ++i) dst[i] = cvt::convert<ConvertMode::kTorch, Dtype::F16, Dtype::F32>(src[i]);
 }
 
 FST_F16C void span_f16_to_f64_f16c(const std::uint16_t* __restrict src,
@@ -124,13 +125,14 @@ FST_F16C void span_f16_to_f64_f16c(const std::uint16_t* __restrict src,
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
                         _mm256_castpd_si256(_mm256_cvtps_pd(f)));
   }
-  for (; i < n; ++i) dst[i] = cvt::convert<Dtype::F16, Dtype::F64>(src[i]);
+  for (; i < n; ++i) dst[i] = cvt::convert<ConvertMode::kTorch, Dtype::F16, Dtype::F64>(src[i]);
 }
 
 // F8_E4M3 -> BF16 (the usual way FP8 weights are widened) with byte shuffles, 32 elements at a
 // time: for normal values the BF16 bytes are simple functions of the magnitude (high byte
 // (mag >> 4) + 0x3C, low byte mag << 4); subnormals come from a 16-entry byte table, and the
-// NaN code becomes 0x7FC0. A table-driven scalar loop cannot keep up with memory here.
+// NaN code becomes 0x7FC0 (torch's rule). A table-driven scalar loop cannot keep up with
+// memory here.
 __attribute__((target("avx2"))) void span_e4m3_to_bf16_avx2(const std::uint8_t* __restrict src,
                                                              std::uint16_t* __restrict dst,
                                                              std::size_t n) {
@@ -164,7 +166,7 @@ __attribute__((target("avx2"))) void span_e4m3_to_bf16_avx2(const std::uint8_t* 
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm256_unpacklo_epi8(lo, hi));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i + 16), _mm256_unpackhi_epi8(lo, hi));
   }
-  for (; i < n; ++i) dst[i] = cvt::convert<Dtype::F8_E4M3, Dtype::BF16>(src[i]);
+  for (; i < n; ++i) dst[i] = cvt::convert<ConvertMode::kTorch, Dtype::F8_E4M3, Dtype::BF16>(src[i]);
 }
 
 #undef FST_F16C
@@ -186,14 +188,15 @@ Isa usable_isa() {
 
 // 8-bit sources: a 256-entry table of results, filled on first use (under the default
 // floating-point environment: every caller runs inside DefaultFpEnv). As fast as the memory.
-template <Dtype S, Dtype D>
+template <ConvertMode M, Dtype S, Dtype D>
 void span_table(const cvt::storage_t<S>* __restrict src, cvt::storage_t<D>* __restrict dst,
                 std::size_t n) {
   using DstT = cvt::storage_t<D>;
   struct Table {
     DstT v[256];
     Table() {
-      for (unsigned i = 0; i < 256; ++i) v[i] = cvt::convert<S, D>(static_cast<std::uint8_t>(i));
+      for (unsigned i = 0; i < 256; ++i)
+        v[i] = cvt::convert<M, S, D>(static_cast<std::uint8_t>(i));
     }
   };
   static const Table table;
@@ -201,30 +204,34 @@ void span_table(const cvt::storage_t<S>* __restrict src, cvt::storage_t<D>* __re
   for (std::size_t i = 0; i < n; ++i) dst[i] = t[src[i]];
 }
 
-template <Dtype S, Dtype D>
+// The torch-specific vector loops above serve kTorch only; every pair that another mode
+// converts as torch does reaches here as kTorch (cvt::dispatch_mode).
+template <ConvertMode M, Dtype S, Dtype D>
 Span<S, D> pick_span(const Isa& c) {
+  constexpr bool torch = M == ConvertMode::kTorch;
   if constexpr (sizeof(cvt::storage_t<S>) == 1) {
 #if defined(FST_CONVERT_X86)
-    if constexpr (S == Dtype::F8_E4M3 && D == Dtype::BF16) {
+    if constexpr (torch && S == Dtype::F8_E4M3 && D == Dtype::BF16) {
       if (c.avx2) return &span_e4m3_to_bf16_avx2;
     }
 #endif
-    return &span_table<S, D>;
+    return &span_table<M, S, D>;
   } else {
 #if defined(FST_CONVERT_X86)
-    if constexpr (D == Dtype::F16 && (S == Dtype::F32 || S == Dtype::BF16 || S == Dtype::F64)) {
+    if constexpr (torch && D == Dtype::F16 &&
+                  (S == Dtype::F32 || S == Dtype::BF16 || S == Dtype::F64)) {
       if (c.f16c) return &span_to_f16_f16c<S>;
     }
-    if constexpr (S == Dtype::F16 && D == Dtype::F32) {
+    if constexpr (torch && S == Dtype::F16 && D == Dtype::F32) {
       if (c.f16c) return &span_f16_to_f32_f16c;
     }
-    if constexpr (S == Dtype::F16 && D == Dtype::F64) {
+    if constexpr (torch && S == Dtype::F16 && D == Dtype::F64) {
       if (c.f16c) return &span_f16_to_f64_f16c;
     }
-    if (c.avx2) return &span_avx2<S, D>;
+    if (c.avx2) return &span_avx2<M, S, D>;
 #endif
     (void)c;
-    return &span_baseline<S, D>;
+    return &span_baseline<M, S, D>;
   }
 }
 
@@ -257,11 +264,11 @@ void end_streaming() {
 // Converts n elements; src and dst need no alignment. Aligned data of moderate size goes
 // straight through the vectorised loop; misaligned data (the loops only ever see naturally
 // aligned element pointers) and large outputs go block by block through an aligned stage.
-template <Dtype S, Dtype D>
+template <ConvertMode M, Dtype S, Dtype D>
 void convert_loop(const unsigned char* src, unsigned char* dst, std::size_t n, const Isa& isa) {
   using SrcT = cvt::storage_t<S>;
   using DstT = cvt::storage_t<D>;
-  const Span<S, D> span = pick_span<S, D>(isa);
+  const Span<S, D> span = pick_span<M, S, D>(isa);
   const bool src_aligned = reinterpret_cast<std::uintptr_t>(src) % alignof(SrcT) == 0;
   const bool dst_aligned = reinterpret_cast<std::uintptr_t>(dst) % alignof(DstT) == 0;
   const bool stream = n * sizeof(DstT) >= kStreamBytes;
@@ -290,15 +297,15 @@ void convert_loop(const unsigned char* src, unsigned char* dst, std::size_t n, c
 
 struct LoopFinder {
   LoopFn* fn;
-  template <Dtype S, Dtype D>
+  template <ConvertMode M, Dtype S, Dtype D>
   void operator()() const {
-    *fn = &convert_loop<S, D>;
+    *fn = &convert_loop<M, S, D>;
   }
 };
 
-LoopFn find_loop(Dtype from, Dtype to) {
+LoopFn find_loop(ConvertMode mode, Dtype from, Dtype to) {
   LoopFn fn = nullptr;
-  cvt::dispatch_pair(from, to, LoopFinder{&fn});
+  cvt::dispatch(mode, from, to, LoopFinder{&fn});
   return fn;
 }
 
@@ -395,14 +402,28 @@ std::string name_of(Dtype d) {
   return "dtype code " + std::to_string(static_cast<unsigned>(d));
 }
 
+constexpr std::string_view kModeNames[kConvertModeCount] = {"torch", "torch-fp8-nan", "numpy",
+                                                            "jax"};
+
 }  // namespace
+
+std::string_view convert_mode_name(ConvertMode m) noexcept {
+  const auto i = static_cast<unsigned>(m);
+  return i < kConvertModeCount ? kModeNames[i] : std::string_view{};
+}
+
+std::optional<ConvertMode> convert_mode_from_name(std::string_view name) noexcept {
+  for (unsigned i = 0; i < kConvertModeCount; ++i)
+    if (kModeNames[i] == name) return static_cast<ConvertMode>(i);
+  return std::nullopt;
+}
 
 bool conversion_supported(Dtype from, Dtype to) noexcept {
   return valid_dtype(from) && valid_dtype(to) && cvt::pair_supported(from, to);
 }
 
 void convert_host(const void* src, Dtype from, void* dst, Dtype to, std::size_t count,
-                  unsigned threads) {
+                  unsigned threads, ConvertMode mode) {
   if (!conversion_supported(from, to))
     throw UnsupportedError("conversion from " + name_of(from) + " to " + name_of(to) +
                            " is not supported");
@@ -415,7 +436,11 @@ void convert_host(const void* src, Dtype from, void* dst, Dtype to, std::size_t 
     return;
   }
   const std::size_t ss = dtype_bits(from) / 8, ds = dtype_bits(to) / 8;
-  run_parallel(Job{find_loop(from, to), s, d, ss, ds, usable_isa()}, count, ss + ds, threads, 64);
+  const LoopFn fn = find_loop(mode, from, to);
+  if (!fn)
+    throw UnsupportedError("conversion mode code " + std::to_string(static_cast<unsigned>(mode)) +
+                           " does not exist");
+  run_parallel(Job{fn, s, d, ss, ds, usable_isa()}, count, ss + ds, threads, 64);
 }
 
 }  // namespace fst

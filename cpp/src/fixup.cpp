@@ -33,7 +33,8 @@ Dtype DtypeRules::target_for(const TensorEntry& e) const {
   if (!conversion_supported(e.dtype, *target))
     throw UnsupportedError("tensor '" + e.name + "': no conversion from " + std::string(dtype_name(e.dtype)) +
                            " to " + std::string(dtype_name(*target)) +
-                           " (supported: among F64, F32, F16, BF16, F8_E4M3, F8_E5M2; F8_E8M0 to wider floats)");
+                           " (supported: among F64, F32, F16, BF16, F8_E4M3, F8_E5M2; F8_E8M0 to wider floats; "
+                           "among BOOL and the integer types)");
   return *target;
 }
 

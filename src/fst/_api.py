@@ -120,8 +120,11 @@ def load(
     progress: True for a progress bar on a terminal, or a callable (done, total) in bytes,
       called from this thread at most about 10 times a second and last with done == total.
     dtype: convert while loading: one dtype for every floating-point tensor ("bf16",
-      torch.float16, ...), or a mapping of name patterns to dtypes (integer tensors change only
-      when a pattern names them). Bit-identical to torch's tensor.to().
+      torch.float16, ...), or a mapping of name patterns to dtypes (integer and BOOL tensors
+      change only when a pattern names them, and only to another integer type or BOOL; a float
+      never becomes an integer). Bit-identical to torch 2.13's CPU tensor.to(), whatever the
+      framework and device (README, "Conversions", says where numpy, JAX and torch 2.11
+      differ).
     process_group, shard (torch): load across the ranks of a torch.distributed group, each
       byte read once; `shard` maps name patterns to the dimension to split (see fst.distributed).
     sharding, mesh, replicate_rest (jax): build sharded jax.Arrays, each process reading only

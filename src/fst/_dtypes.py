@@ -1,5 +1,9 @@
 """The `dtype=` argument: a target for every floating tensor, or name patterns -> targets,
-given as format names ("BF16"), common names ("bfloat16", "fp8_e4m3") or framework dtypes."""
+given as format names ("BF16"), common names ("bfloat16", "fp8_e4m3") or framework dtypes.
+
+The names are those of the dtypes fst converts to: the floats among themselves, BOOL and the
+integers among themselves (a float tensor to an integer is refused, naming the tensor). F8_E8M0
+is a source only (it widens to F16, BF16, F32 and F64), so it is no target name."""
 
 from __future__ import annotations
 
@@ -12,9 +16,9 @@ _ALIASES = {
     "bf16": "BF16", "bfloat16": "BF16",
     "f8_e4m3": "F8_E4M3", "float8_e4m3fn": "F8_E4M3", "fp8_e4m3": "F8_E4M3", "e4m3": "F8_E4M3",
     "f8_e5m2": "F8_E5M2", "float8_e5m2": "F8_E5M2", "fp8_e5m2": "F8_E5M2", "e5m2": "F8_E5M2",
-    "f8_e8m0": "F8_E8M0", "float8_e8m0fnu": "F8_E8M0",
     "i8": "I8", "int8": "I8", "u8": "U8", "uint8": "U8", "i16": "I16", "int16": "I16",
-    "i32": "I32", "int32": "I32", "i64": "I64", "int64": "I64", "bool": "BOOL",
+    "u16": "U16", "uint16": "U16", "i32": "I32", "int32": "I32", "u32": "U32", "uint32": "U32",
+    "i64": "I64", "int64": "I64", "u64": "U64", "uint64": "U64", "bool": "BOOL",
 }
 
 Rules = tuple[Optional[str], list[tuple[str, str]]]

@@ -8,6 +8,7 @@
 #include <utility>
 #include <vector>
 
+#include "fst/convert.hpp"
 #include "fst/dtype.hpp"
 #include "fst/staging.hpp"
 
@@ -35,11 +36,12 @@ CufileInfo cufile_info(const std::string& bundled_library = "");
 
 // Converts `count` elements at device address `src` (dtype `from`) into `dst` (dtype `to`) on
 // CUDA device `device` with the batched conversion kernel, `repeats` launches in a row on the
-// legacy default stream (the one torch uses unless told otherwise), then waits for them. For
-// kernel tests and benchmarks on memory a framework owns. Throws UnsupportedError for a pair
-// the kernels do not convert, CudaError without CUDA or kernels.
+// legacy default stream (the one torch uses unless told otherwise), then waits for them, by
+// the rules of `mode`. For kernel tests and benchmarks on memory a framework owns. Throws
+// UnsupportedError for a pair the kernels do not convert, CudaError without CUDA or kernels.
 void convert_on_device(int device, std::uint64_t src, Dtype from, std::uint64_t dst, Dtype to,
-                       std::uint64_t count, unsigned repeats = 1);
+                       std::uint64_t count, unsigned repeats = 1,
+                       ConvertMode mode = ConvertMode::kTorch);
 
 // One copy of `bytes` bytes between device addresses.
 struct DeviceMove {

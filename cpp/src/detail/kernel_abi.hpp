@@ -31,18 +31,21 @@ inline constexpr unsigned kBlockThreads = 256;
 // Bytes (of the wider side) that one block handles per chunk at kBlockThreads threads.
 inline constexpr unsigned kChunkBytes = 32 * 1024;
 
-// Convert `count` elements from src (dtype src_dtype) to dst (dtype dst_dtype). Codes are
-// fst::Dtype values. Supported: every pair for which fst::conversion_supported() is true; a
-// task with src_dtype == dst_dtype copies ceil(count * bits / 8) bytes (any dtype); a task with
-// an unsupported pair is skipped (validate on the host before launching).
+// Convert `count` elements from src (dtype src_dtype) to dst (dtype dst_dtype) by the rules of
+// `mode` (an fst::ConvertMode value; 0, torch's, when left out). Codes are fst::Dtype values.
+// Supported: every pair for which fst::conversion_supported() is true; a task with
+// src_dtype == dst_dtype copies ceil(count * bits / 8) bytes (any dtype); a task with an
+// unsupported pair or mode is skipped (validate on the host before launching).
 struct ConvertTask {
   std::uint64_t src;  // device address of the first source element
   std::uint64_t dst;  // device address of the first destination element
   std::uint64_t count;
   std::uint32_t src_dtype;
   std::uint32_t dst_dtype;
+  std::uint32_t mode = 0;
+  std::uint32_t reserved = 0;  // keeps the size a multiple of 8 (arrays of tasks)
 };
-static_assert(sizeof(ConvertTask) == 32, "ConvertTask layout is part of the kernel ABI");
+static_assert(sizeof(ConvertTask) == 40, "ConvertTask layout is part of the kernel ABI");
 
 // Copy `bytes` bytes from src to dst (typically from an unaligned offset in a staging buffer to
 // an aligned tensor slot in a separate destination arena).

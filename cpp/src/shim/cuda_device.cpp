@@ -245,11 +245,11 @@ void launch_and_wait(int device, const char* image, const char* name, const std:
 }  // namespace
 
 void convert_on_device(int device, std::uint64_t src, Dtype from, std::uint64_t dst, Dtype to,
-                       std::uint64_t count, unsigned repeats) {
+                       std::uint64_t count, unsigned repeats, ConvertMode mode) {
   if (from != to && !conversion_supported(from, to))
     throw UnsupportedError("no conversion from " + std::string(dtype_name(from)) + " to " + std::string(dtype_name(to)));
-  const std::vector<kernels::ConvertTask> tasks{
-      {src, dst, count, static_cast<std::uint32_t>(from), static_cast<std::uint32_t>(to)}};
+  const std::vector<kernels::ConvertTask> tasks{{src, dst, count, static_cast<std::uint32_t>(from),
+                                                 static_cast<std::uint32_t>(to), static_cast<std::uint32_t>(mode)}};
   launch_and_wait(device, "convert", kernels::kConvertKernel, tasks,
                   count * std::max(dtype_bits(from), dtype_bits(to)) / 8, repeats);
 }

@@ -16,7 +16,9 @@ from ._dtypes import table
 _NO_BYTES: list[bool] = table(lambda n: False)
 _CAST_TO = {
     "F64": jnp.float64, "F32": jnp.float32, "F16": jnp.float16, "BF16": jnp.bfloat16,
-    "F8_E4M3": jnp.float8_e4m3fn, "F8_E5M2": jnp.float8_e5m2,
+    "F8_E4M3": jnp.float8_e4m3fn, "F8_E5M2": jnp.float8_e5m2, "BOOL": jnp.bool_,
+    "U8": jnp.uint8, "I8": jnp.int8, "U16": jnp.uint16, "I16": jnp.int16, "U32": jnp.uint32,
+    "I32": jnp.int32, "U64": jnp.uint64, "I64": jnp.int64,
 }
 
 

@@ -8,6 +8,7 @@ allocates in the primary context torch uses; torch sees ordinary CUDA tensors.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import torch
@@ -23,8 +24,19 @@ _BYTES_FOR: list[bool] = table(lambda n: n in _VIEW_AFTER)
 _from_capsule = torch.utils.dlpack.from_dlpack  # takes a DLPack capsule as it is
 _CAST_TO = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "BOOL": torch.bool,
+    "U8": torch.uint8, "I8": torch.int8, "U16": torch.uint16, "I16": torch.int16, "U32": torch.uint32,
+    "I32": torch.int32, "U64": torch.uint64, "I64": torch.int64,
 }
+
+
+@functools.cache
+def conversion_mode() -> str:
+    """fst's conversion mode for the installed torch, from a probe of torch itself: torch 2.13
+    saturates F8_E4M3 overflow and infinity to +-448, torch 2.11 and earlier make them NaN. The
+    rest of torch's CPU conversions are the same in both."""
+    probe = torch.tensor([1e4, float("inf")]).to(torch.float8_e4m3fn).view(torch.uint8).tolist()
+    return "torch" if probe == [0x7E, 0x7E] else "torch-fp8-nan"
 
 
 def _torch_device(device: Any) -> torch.device:
