@@ -203,6 +203,7 @@ struct PySelection {
   std::shared_ptr<const Checkpoint> ckpt;
   std::vector<Pick> picks;
   std::vector<Dtype> targets;  // per pick, or empty: every tensor keeps its dtype
+  ConvertMode mode = ConvertMode::kTorch;  // whose rules the conversions follow
   std::uint64_t nbytes() const {
     std::uint64_t n = 0;
     for (const Pick& p : picks) n += ckpt->extent(p).nbytes;
@@ -343,6 +344,7 @@ struct PySource {
   std::shared_ptr<const Checkpoint> ckpt;
   std::shared_ptr<TensorSource> source;
   DtypeRules rules;
+  ConvertMode mode;
   std::uint64_t alignment;
 
   ExportItem item(const std::string& name, std::optional<std::uint64_t> lo, std::optional<std::uint64_t> hi) const {
@@ -363,7 +365,7 @@ struct PySource {
       if (to != from) {  // fix up: convert into memory of its own
         const std::uint64_t count = ckpt->extent(pick).nbytes * 8 / dtype_bits(from);
         auto arena = std::make_shared<HostArena>(count * dtype_bits(to) / 8, alignment);
-        convert_host(rows.data, from, arena->data(), to, count, ThreadPool::default_threads());
+        convert_host(rows.data, from, arena->data(), to, count, ThreadPool::default_threads(), mode);
         rows = TensorSource::Rows{arena, arena->data()};
       }
     }
@@ -441,6 +443,7 @@ struct PyCheckpoint {
 }  // namespace
 
 void fst_register_convert(py::module_& m);  // cpp/bindings_convert.cpp
+fst::ConvertMode parse_mode(const std::string& name);  // cpp/bindings_convert.cpp
 
 // The device of a GDS load: cuFile into CUDA device memory (device >= 0), or O_DIRECT reads
 // into host memory with the host twins of the kernels (device < 0: checkable without a GPU).
@@ -545,9 +548,10 @@ PYBIND11_MODULE(_core, m) {
       .def("__len__", [](const PySelection& s) { return s.picks.size(); })
       // The same picks, each to be converted to the dtype the rules give it after reading.
       .def("with_dtypes", [](const PySelection& s, const std::optional<std::string>& floating_default,
-                             const std::vector<std::pair<std::string, std::string>>& rules) {
+                             const std::vector<std::pair<std::string, std::string>>& rules,
+                             const std::string& mode) {
         DtypeRules r = make_rules(floating_default, rules);
-        PySelection out{s.ckpt, s.picks, {}};
+        PySelection out{s.ckpt, s.picks, {}, parse_mode(mode)};
         if (r.empty()) return out;
         bool any = false;
         out.targets.reserve(s.picks.size());
@@ -558,7 +562,7 @@ PYBIND11_MODULE(_core, m) {
         }
         if (!any) out.targets.clear();
         return out;
-      }, py::arg("floating_default"), py::arg("rules"))
+      }, py::arg("floating_default"), py::arg("rules"), py::arg("mode") = "torch")
       .def_property_readonly("nbytes", &PySelection::nbytes)
       .def("conversions", [](const PySelection& s) {
         py::list out;  // (name, dtype) of every pick whose dtype the rules change
@@ -580,7 +584,7 @@ PYBIND11_MODULE(_core, m) {
         for (std::size_t i = 0; i < s.picks.size(); ++i) {
           std::uint64_t n = s.ckpt->extent(s.picks[i]).nbytes;
           if (groups.empty() || (bytes + n > budget && !groups.back().picks.empty())) {
-            groups.push_back(PySelection{s.ckpt, {}, {}});
+            groups.push_back(PySelection{s.ckpt, {}, {}, s.mode});
             bytes = 0;
           }
           groups.back().picks.push_back(s.picks[i]);
@@ -592,6 +596,7 @@ PYBIND11_MODULE(_core, m) {
       .def("start", [](const PySelection& s, const std::string& backend, unsigned threads,
                        std::uint64_t alignment, std::uint64_t view_alignment, bool allow_views) {
         ReadOptions opt = read_options(backend, threads, alignment, view_alignment, allow_views);
+        opt.convert_mode = s.mode;
         PyPending p{nullptr, s.ckpt, {}};
         py::gil_scoped_release release;
         p.pending = std::make_unique<PendingLoad>(s.ckpt, s.picks, opt, s.targets);
@@ -611,6 +616,7 @@ PYBIND11_MODULE(_core, m) {
         opt.alignment = alignment;
         opt.budget = budget;
         opt.buffer_bytes = buffer_bytes;
+        opt.convert_mode = s.mode;
         PyPending p{nullptr, s.ckpt, note};
         py::gil_scoped_release release;
         if (!sink) sink = make_staging_sink(device, alignment, host_copy_delay_us, host_converts, host_fail_wait);
@@ -666,6 +672,7 @@ PYBIND11_MODULE(_core, m) {
         opt.request_bytes = request_bytes;
         opt.bulk_bytes = bulk_bytes;
         opt.merge_gap = merge_gap;
+        opt.convert_mode = s.mode;
         PyPending p{nullptr, s.ckpt, {}};
         py::gil_scoped_release release;
         if (!gds_device) gds_device = make_gds_device(device, bundled_library);
@@ -722,14 +729,15 @@ PYBIND11_MODULE(_core, m) {
       .def("source", [](const PyCheckpoint& c, const std::string& backend, std::uint64_t alignment,
                         std::uint64_t view_alignment, bool allow_views,
                         const std::optional<std::string>& floating_default,
-                        const std::vector<std::pair<std::string, std::string>>& rules) {
+                        const std::vector<std::pair<std::string, std::string>>& rules, const std::string& mode) {
         ReadOptions opt = read_options(backend, 1, alignment, view_alignment, allow_views);
         DtypeRules r = make_rules(floating_default, rules);
+        const ConvertMode m = parse_mode(mode);
         py::gil_scoped_release release;
-        return PySource{c.ckpt, std::make_shared<TensorSource>(c.ckpt, opt), std::move(r), alignment};
+        return PySource{c.ckpt, std::make_shared<TensorSource>(c.ckpt, opt), std::move(r), m, alignment};
       }, py::arg("backend") = "auto", py::arg("alignment") = 64, py::arg("view_alignment") = 0,
          py::arg("allow_views") = true, py::arg("floating_default") = py::none(),
-         py::arg("rules") = std::vector<std::pair<std::string, std::string>>{});
+         py::arg("rules") = std::vector<std::pair<std::string, std::string>>{}, py::arg("mode") = "torch");
 
   py::class_<PySource>(m, "TensorSource")
       .def_property_readonly("backend", [](const PySource& s) { return backend_name(s.source->backend()); })

@@ -23,18 +23,20 @@
 
 namespace py = pybind11;
 
+// A conversion mode named from Python (one of CONVERT_MODES); ValueError otherwise. Also used
+// by the load bindings (cpp/bindings.cpp).
+fst::ConvertMode parse_mode(const std::string& name) {
+  const auto m = fst::convert_mode_from_name(name);
+  if (!m) throw py::value_error("unknown conversion mode '" + name + "'");
+  return *m;
+}
+
 namespace {
 
 fst::Dtype parse_dtype(const std::string& name) {
   const auto d = fst::dtype_from_name(name);
   if (!d) throw py::value_error("unknown dtype '" + name + "'");
   return *d;
-}
-
-fst::ConvertMode parse_mode(const std::string& name) {
-  const auto m = fst::convert_mode_from_name(name);
-  if (!m) throw py::value_error("unknown conversion mode '" + name + "'");
-  return *m;
 }
 
 // A contiguous view of an object with the buffer protocol, released on scope exit.

@@ -57,6 +57,15 @@ def write(path: Path, tensors: Iterable[tuple[str, str, Sequence[int]]], *, seed
     return path
 
 
+def write_raw(path: Path, name: str, dtype: str, shape: Sequence[int], data: bytes) -> Path:
+    """One tensor holding exactly `data`."""
+    assert len(data) == nbytes(dtype, shape)
+    text = json.dumps({name: {"dtype": dtype, "shape": list(shape), "data_offsets": [0, len(data)]}}).encode()
+    text += b" " * ((-len(text)) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+    return path
+
+
 def raw_bytes(array) -> bytes:
     """The bytes of a numpy array, torch tensor or jax array, for bit-exact comparison."""
     mod = type(array).__module__
@@ -85,17 +94,6 @@ def assert_same_bits(got, want, label: str) -> None:
 
 
 def load_conversion(t, target):
-    """torch tensor `t` converted to torch dtype `target` as fst's dtype= loads convert it: the
-    "torch" conversion mode, torch 2.13's CPU .to(). Where the installed torch is an earlier
-    release (whose F8_E4M3 overflow is NaN), fst's host conversion in that mode stands in."""
-    import torch
-
-    from fst import _core
-    from fst.adapters.torch import conversion_mode
-
-    if conversion_mode() == "torch" or t.numel() == 0:  # (torch.frombuffer refuses no bytes)
-        return t.to(target)
-    names = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-             torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.float8_e8m0fnu: "F8_E8M0"}
-    out = _core.convert(raw_bytes(t), names[t.dtype], names[target], mode="torch")
-    return torch.frombuffer(out, dtype=torch.uint8).view(target).reshape(t.shape)
+    """torch tensor `t` converted to torch dtype `target` as fst's dtype= loads into torch
+    convert it, on any device: the installed torch's CPU .to()."""
+    return t.cpu().to(target)

@@ -39,7 +39,7 @@ Dtype DtypeRules::target_for(const TensorEntry& e) const {
 }
 
 void convert_loaded(LoadedTensors& loaded, const Checkpoint& ckpt, const std::vector<Dtype>& targets,
-                    ThreadPool& pool, std::uint64_t alignment) {
+                    ThreadPool& pool, std::uint64_t alignment, ConvertMode mode) {
   const std::size_t n = loaded.selection.size();
   loaded.dtypes.resize(n);
   std::vector<std::size_t> changed;
@@ -66,12 +66,12 @@ void convert_loaded(LoadedTensors& loaded, const Checkpoint& ckpt, const std::ve
   std::uint64_t batch_bytes = 0;
   auto flush = [&] {
     if (batch.empty()) return;
-    pool.submit(group, [&loaded, &ckpt, &targets, base = arena->data(), &slot, work = std::move(batch)](unsigned) {
+    pool.submit(group, [&loaded, &ckpt, &targets, mode, base = arena->data(), &slot, work = std::move(batch)](unsigned) {
       for (const auto& [i, range] : work) {
         const Dtype from = ckpt.entry(loaded.selection[i].ref).dtype, to = targets[i];
         const auto* src = loaded.data[i] + range.first * dtype_bits(from) / 8;
         auto* dst = base + slot[i] + range.first * dtype_bits(to) / 8;
-        convert_host(src, from, dst, to, range.second, 1);
+        convert_host(src, from, dst, to, range.second, 1, mode);
       }
     });
     batch = {};

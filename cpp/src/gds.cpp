@@ -213,7 +213,8 @@ void GdsLoad::place_window(std::size_t window) {
   converts.reserve(w.converts.size());
   for (const BulkConvert& c : w.converts)
     converts.push_back(kernels::ConvertTask{bulk_ + c.bulk_offset, dest_ + c.slot_offset, c.count,
-                                            static_cast<std::uint32_t>(c.from), static_cast<std::uint32_t>(c.to)});
+                                            static_cast<std::uint32_t>(c.from), static_cast<std::uint32_t>(c.to),
+                                            static_cast<std::uint32_t>(opt_.convert_mode)});
   if (!moves.empty()) device_->move_async(moves);
   if (!converts.empty()) device_->convert_async(converts);
   // The next window reads into the same bulk buffer: this one's bytes must be placed first.
@@ -328,7 +329,8 @@ class HostGdsDevice final : public GdsDevice {
     queued_.emplace_back([tasks] {
       for (const auto& t : tasks)
         convert_host(reinterpret_cast<const void*>(t.src), static_cast<Dtype>(t.src_dtype),
-                     reinterpret_cast<void*>(t.dst), static_cast<Dtype>(t.dst_dtype), t.count, 1);
+                     reinterpret_cast<void*>(t.dst), static_cast<Dtype>(t.dst_dtype), t.count, 1,
+                     static_cast<ConvertMode>(t.mode));
     });
   }
   // Queued work runs only now, the latest a stream could run it: a plan that reused the bulk

@@ -378,7 +378,7 @@ void PendingLoad::populate_for(const ReadRequest& req) const {
 
 LoadedTensors PendingLoad::wait(const std::function<bool()>& tick, int tick_ms) {
   group_.drive(tick, tick_ms);
-  if (!targets_.empty()) convert_loaded(result_, *ckpt_, targets_, pool(), opt_.alignment);
+  if (!targets_.empty()) convert_loaded(result_, *ckpt_, targets_, pool(), opt_.alignment, opt_.convert_mode);
   pool_.reset();
   files_.reset();  // close descriptors now; mappings stay alive through the owners
   result_.stats.seconds = detail::now_seconds() - started_;

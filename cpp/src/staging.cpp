@@ -440,7 +440,8 @@ void StagedLoad::run_request(const ReadRequest& req) {
         const std::uint64_t first = piece.pick_offset * 8 / dtype_bits(from);
         converts.push_back(kernels::ConvertTask{raw, slot_address + first * dtype_bits(to) / 8,
                                                 piece.length * 8 / dtype_bits(from),
-                                                static_cast<std::uint32_t>(from), static_cast<std::uint32_t>(to)});
+                                                static_cast<std::uint32_t>(from), static_cast<std::uint32_t>(to),
+                                                static_cast<std::uint32_t>(opt_.convert_mode)});
       }
       src += piece.length;
     }
@@ -633,7 +634,8 @@ class HostSink final : public StagingSink {
     pool_.enqueue(slot, [tasks] {
       for (const auto& t : tasks)
         convert_host(reinterpret_cast<const void*>(t.src), static_cast<Dtype>(t.src_dtype),
-                     reinterpret_cast<void*>(t.dst), static_cast<Dtype>(t.dst_dtype), t.count, 1);
+                     reinterpret_cast<void*>(t.dst), static_cast<Dtype>(t.dst_dtype), t.count, 1,
+                     static_cast<ConvertMode>(t.mode));
     });
   }
 

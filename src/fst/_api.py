@@ -122,9 +122,9 @@ def load(
     dtype: convert while loading: one dtype for every floating-point tensor ("bf16",
       torch.float16, ...), or a mapping of name patterns to dtypes (integer and BOOL tensors
       change only when a pattern names them, and only to another integer type or BOOL; a float
-      never becomes an integer). Bit-identical to torch 2.13's CPU tensor.to(), whatever the
-      framework and device (README, "Conversions", says where numpy, JAX and torch 2.11
-      differ).
+      never becomes an integer). Bit-identical to the framework's own CPU cast, on every
+      device: numpy's astype, jnp's astype, the installed torch's tensor.to() (README,
+      "Conversions", says where they differ).
     process_group, shard (torch): load across the ranks of a torch.distributed group, each
       byte read once; `shard` maps name patterns to the dimension to split (see fst.distributed).
     sharding, mesh, replicate_rest (jax): build sharded jax.Arrays, each process reading only
@@ -147,7 +147,7 @@ def load(
                 out[name] = adapter.cast(out[name], target)
         return out
     ckpt = open_checkpoint(path, threads)
-    selection = ckpt.select(patterns).with_dtypes(*dtype_rules(dtype))
+    selection = ckpt.select(patterns).with_dtypes(*dtype_rules(dtype), mode=adapter.conversion_mode)
     pending = start_load(adapter, selection, device, backend, threads)
     callback, close = make_progress(progress, selection.nbytes, "fst load")
     try:
@@ -195,7 +195,7 @@ def iter_tensors(
             return stream
         return ((name, adapter.cast(t, casts[name]) if name in casts else t) for name, t in stream)
     ckpt = open_checkpoint(path, threads)
-    selection = ckpt.select(patterns).with_dtypes(*dtype_rules(dtype))
+    selection = ckpt.select(patterns).with_dtypes(*dtype_rules(dtype), mode=adapter.conversion_mode)
     groups = selection.split(budget)
     return _stream(adapter, device, groups, backend, threads, progress, selection.nbytes)
 

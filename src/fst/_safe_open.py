@@ -32,6 +32,7 @@ class safe_open:  # noqa: N801 - the name is the reference's
         self._source = self._ckpt.source(
             "auto" if self._adapter.cuda_index(device) is not None else self._backend,
             self._adapter.alignment, self._adapter.view_alignment, True, *self._rules,
+            mode=self._adapter.conversion_mode,
         )
         self._closed = False
 
@@ -76,7 +77,7 @@ class safe_open:  # noqa: N801 - the name is the reference's
         dtype, shape, _, _ = self._ckpt.info(name)
         rows = shape[0] if shape else 1
         selection = self._ckpt.select_rows([(name, lo or 0, (rows if hi is None else hi) - (lo or 0))])
-        selection = selection.with_dtypes(*self._rules)
+        selection = selection.with_dtypes(*self._rules, mode=self._adapter.conversion_mode)
         loaded = start_load(self._adapter, selection, self._device, self._backend, 0).wait()
         return next(iter(self._adapter.export(loaded, self._device).values()))
 

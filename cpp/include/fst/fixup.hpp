@@ -31,6 +31,6 @@ bool is_floating(Dtype d) noexcept;
 // Converts every tensor of `loaded` whose target differs from its dtype into a new arena
 // (slots aligned to `alignment`), on `pool`. loaded.dtypes then holds the new dtypes.
 void convert_loaded(LoadedTensors& loaded, const Checkpoint& ckpt, const std::vector<Dtype>& targets,
-                    ThreadPool& pool, std::uint64_t alignment);
+                    ThreadPool& pool, std::uint64_t alignment, ConvertMode mode);
 
 }  // namespace fst

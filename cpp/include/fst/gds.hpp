@@ -39,6 +39,7 @@ struct GdsOptions {
   // Unselected bytes between two selected ranges of a file that are read rather than
   // starting a new read (filters leave such holes).
   std::uint64_t merge_gap = 1u << 20;
+  ConvertMode convert_mode = ConvertMode::kTorch;  // whose rules dtype= conversions follow
 };
 
 // One read: bytes [file_offset, file_offset + length) of a file into the bulk buffer at

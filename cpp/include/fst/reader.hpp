@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "fst/buffer.hpp"
+#include "fst/convert.hpp"
 #include "fst/export.hpp"
 #include "fst/plan.hpp"
 #include "fst/thread_pool.hpp"
@@ -31,6 +32,7 @@ struct ReadOptions {
   bool allow_views = true;                 // may tensors view a file mapping (CPU targets)?
   std::uint64_t max_request = 16u << 20;   // bytes per read request
   double resident_for_mmap = 0.98;         // auto: below this page-cache share, read ahead
+  ConvertMode convert_mode = ConvertMode::kTorch;  // whose rules dtype= conversions follow
 };
 
 struct LoadStats {

@@ -164,6 +164,7 @@ struct StagingOptions {
   // and placed by one batched move, where one copy per piece would cost a driver call each
   // (checkpoints of many tiny tensors). Needs a sink that moves().
   std::uint32_t batch_pieces = 8;
+  ConvertMode convert_mode = ConvertMode::kTorch;  // whose rules dtype= conversions follow
 };
 
 // The smallest staging buffer a load picks to make room for more readers (unless

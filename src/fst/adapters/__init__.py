@@ -30,6 +30,9 @@ class Adapter(Protocol):
     # file mapping must have (0: the dtype's natural alignment).
     alignment: int
     view_alignment: int
+    # Whose rules dtype= conversions follow (one of _core.CONVERT_MODES): the framework's own,
+    # so that converting while loading equals loading and then converting in the framework.
+    conversion_mode: str
 
     def check_device(self, device: Any) -> None:
         """Raise UnsupportedError unless tensors can be delivered to `device`."""

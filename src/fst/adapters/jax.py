@@ -44,6 +44,7 @@ class JaxAdapter:
     name = "jax"
     alignment = 64
     view_alignment = 64
+    conversion_mode = "jax"  # jnp.asarray(a).astype(d) on the CPU backend, GPU targets too
 
     def check_device(self, device: Any) -> None:
         dev = _jax_device(device)

@@ -48,6 +48,7 @@ class NumpyAdapter:
     name = "numpy"
     alignment = 64
     view_alignment = 0
+    conversion_mode = "numpy"  # astype: numpy's own, ml_dtypes' for BF16 and F8
 
     def check_device(self, device: Any) -> None:
         if str(device) != "cpu":

@@ -51,6 +51,11 @@ class TorchAdapter:
     alignment = 64
     view_alignment = 0
 
+    @functools.cached_property
+    def conversion_mode(self) -> str:
+        """The installed torch's CPU .to() (GPU targets follow it too), probed on first use."""
+        return conversion_mode()
+
     def check_device(self, device: Any) -> None:
         dev = _torch_device(device)
         if dev.type == "cuda" and not torch.cuda.is_available():
