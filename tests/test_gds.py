@@ -18,7 +18,8 @@ import torch
 import fst
 from checkpoints import ALL_DTYPES, raw_bytes, write
 from fst import _runtime
-from fst.adapters import get_adapter, start_load
+from fst._loading import start_load
+from fst.adapters import get_adapter
 from test_resources import snapshot
 
 SHAPES = [[], [0], [1], [7], [3, 5], [2, 3, 5], [64, 100]]

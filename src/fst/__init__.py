@@ -12,11 +12,11 @@ from typing import Any
 
 from .errors import CudaError, FstError, HeaderError, UnsupportedError  # noqa: I001 (first: the core needs them)
 from . import _core
-from ._api import iter_tensors, last_load_stats, load, open_checkpoint
+from ._api import iter_tensors, load
+from ._loading import last_load_stats, open_checkpoint
 from ._runtime import release_staging, runtime_info
 from ._safe_open import safe_open
-
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "CudaError",

@@ -2,59 +2,14 @@
 
 from __future__ import annotations
 
-import threading
-from typing import Any, Iterable, Iterator, Optional, Union
+from typing import Any, Iterator, Optional
 
-from . import _core, _settings
+from . import _settings
 from ._dtypes import dtype_rules
-from ._paths import PathArg, resolve_checkpoint
+from ._loading import Keys, key_patterns, open_checkpoint, record_stats, start_load
+from ._paths import PathArg
 from ._progress import Progress, make_progress
-from .adapters import get_adapter, start_load
-
-Keys = Optional[Union[str, Iterable[str]]]
-
-_local = threading.local()
-
-
-def _patterns(keys: Keys) -> Optional[list[str]]:
-    if keys is None:
-        return None
-    if isinstance(keys, str):
-        return [keys]
-    try:
-        patterns = list(keys)
-    except TypeError:
-        raise TypeError(f"keys must be a tensor name or glob pattern, or an iterable of them, not "
-                        f"{type(keys).__name__} {keys!r}") from None
-    # The types, collected in C: keys may list 250,000 names, too many for a Python loop.
-    if not all(issubclass(kind, str) for kind in set(map(type, patterns))):
-        bad = next(p for p in patterns if not isinstance(p, str))
-        raise TypeError(f"keys must hold tensor names or glob patterns (str), not {type(bad).__name__} {bad!r}")
-    return patterns
-
-
-def open_checkpoint(path: PathArg, threads: Optional[int] = None) -> _core.Checkpoint:
-    """Parse and validate every header of a checkpoint (file, list, index or directory).
-
-    With an index, the checkpoint is what the index names: tensors a file holds that the index
-    does not name are left out (``unindexed()``, and each load's stats), and a name the index
-    maps to a file lacking it is an error when a load selects it.
-    """
-    _settings.check_environment()
-    files, index = resolve_checkpoint(path)
-    as_core = None if index is None else (index.path, index.shards, index.weight_map)
-    return _core.Checkpoint(files, _settings.threads(threads), as_core)
-
-
-def last_load_stats() -> Optional[dict[str, Any]]:
-    """Stats of the most recent load on this thread: backend and why, bytes, seconds."""
-    return getattr(_local, "stats", None)
-
-
-def _record(stats: dict[str, Any], adapter_name: str) -> None:
-    stats = dict(stats)
-    stats["framework"] = adapter_name
-    _local.stats = stats
+from .adapters import get_adapter
 
 
 def _torch_distributed_initialized() -> bool:
@@ -132,7 +87,7 @@ def load(
     Returns a dict of name -> tensor in file order. Tensors own their memory.
     """
     _settings.check_environment()
-    patterns, backend, threads = _patterns(keys), _settings.backend(backend), _settings.threads(threads)
+    patterns, backend, threads = key_patterns(keys), _settings.backend(backend), _settings.threads(threads)
     adapter = get_adapter(framework)
     adapter.check_device(device)
     special = _distributed_or_sharded(adapter, process_group, shard, sharding, mesh, replicate_rest)
@@ -154,7 +109,7 @@ def load(
         loaded = pending.wait(callback)
     finally:
         close()
-    _record(loaded.stats, adapter.name)
+    record_stats(loaded.stats, adapter.name)
     return adapter.export(loaded, device)
 
 
@@ -182,7 +137,7 @@ def iter_tensors(
     defaults to $FST_STAGING_BUDGET or 256 MiB.
     """
     _settings.check_environment()
-    patterns, backend, threads = _patterns(keys), _settings.backend(backend), _settings.threads(threads)
+    patterns, backend, threads = key_patterns(keys), _settings.backend(backend), _settings.threads(threads)
     budget = _settings.staging_budget(budget)
     adapter = get_adapter(framework)
     adapter.check_device(device)
@@ -216,7 +171,7 @@ def _stream(adapter, device, groups, backend, threads, progress, total) -> Itera
             done += groups[k].nbytes
             # Read the next group while the caller consumes this one.
             pending = start(groups[k + 1]) if k + 1 < len(groups) else None
-            _record(loaded.stats, adapter.name)
+            record_stats(loaded.stats, adapter.name)
             yield from adapter.export(loaded, device).items()
             del loaded
     finally:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from . import _core, _settings
+from ._version import __version__
 
 
 @functools.lru_cache(maxsize=None)
@@ -83,8 +84,6 @@ def runtime_info(path: Optional[str] = None) -> dict[str, Any]:
     use, the staging pools of the CUDA devices used so far (budget, pinned bytes, buffers,
     buffers in use, allocations), and (for `path`) the backend an automatic CPU load would
     choose, with the measurements behind the choice."""
-    from . import __version__
-
     driver = _core.cuda_driver_info()
     use_gds, why = gds_choice()
     if not driver["available"]:
@@ -108,14 +107,13 @@ def runtime_info(path: Optional[str] = None) -> dict[str, Any]:
         "environment": _settings.environment(),
     }
     if path is not None:
-        from ._api import open_checkpoint
         from ._paths import resolve
 
         files = resolve(path)
         sizes = [os.path.getsize(f) for f in files]
         resident = sum(_core.page_cache_residency(f) * n for f, n in zip(files, sizes)) / max(sum(sizes), 1)
         direct_ok, direct_why = _core.direct_io_supported(files[0])
-        source = open_checkpoint(files).source("auto")
+        source = _core.Checkpoint(files, _settings.threads(None)).source("auto")
         info["path"] = {
             "files": files,
             "page_cache_resident": resident,

@@ -6,10 +6,10 @@ import operator
 from typing import Any, Optional
 
 from . import _settings
-from ._api import open_checkpoint
 from ._dtypes import dtype_rules
 from ._paths import PathArg
-from .adapters import get_adapter, start_load
+from ._loading import open_checkpoint, start_load
+from .adapters import get_adapter
 from .errors import FstError
 
 

@@ -76,7 +76,7 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _version(value: bool) -> None:
     if value:
-        from . import __version__
+        from ._version import __version__
 
         typer.echo(f"fst {__version__}")
         raise typer.Exit()
@@ -293,6 +293,7 @@ def verify(
 
     Each problem is one line on stderr; exit status 0 when all is good, 1 otherwise."""
     import fst
+
     from ._paths import resolve
 
     if against not in (None, "safetensors"):

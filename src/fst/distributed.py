@@ -107,9 +107,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional
 
 from . import _core, _settings
-from ._api import _record, open_checkpoint
+from ._loading import open_checkpoint, record_stats, start_load
 from ._progress import make_progress
-from .adapters import get_adapter, start_load
+from .adapters import get_adapter
 from .errors import FstError, UnsupportedError
 
 _ALIGN = 64          # offset of every tensor in a step buffer
@@ -1084,7 +1084,7 @@ class _Run:
                 if callback is not None:
                     callback(done, self.plan.nbytes)
                 self.stats["seconds"] = _now() - self._t0
-                _record(self.stats, "torch")
+                record_stats(self.stats, "torch")
                 yield from out
         finally:
             close()
@@ -1130,11 +1130,11 @@ class _Run:
                 if callback is not None:
                     callback(done_bytes, self.plan.nbytes)
                 self.stats["seconds"] = _now() - self._t0
-                _record(self.stats, "torch")
+                record_stats(self.stats, "torch")
                 yield from out
             self._check(carried, "at the end of the load")
         finally:
             close()
             reads = None
         self.stats["seconds"] = _now() - self._t0
-        _record(self.stats, "torch")
+        record_stats(self.stats, "torch")

@@ -57,7 +57,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
 
 from . import _core, _settings
-from ._api import _record, open_checkpoint
+from ._loading import open_checkpoint, record_stats
 from ._paths import PathArg
 from ._progress import make_progress
 from .adapters.jax import _jax_device
@@ -681,7 +681,7 @@ class ShardedLoad:
             reads.finish()
         finally:
             close()
-        _record(asm.stats(_full_bytes(plans), time.perf_counter() - t0), "jax")
+        record_stats(asm.stats(_full_bytes(plans), time.perf_counter() - t0), "jax")
         return out
 
     def iter_tensors(self, path: PathArg, *, device: Any = None, keys: Optional[list] = None,
@@ -722,7 +722,7 @@ class ShardedLoad:
                 following = _Reads(ckpt, groups[k + 1], backend, threads, asm) if k + 1 < len(groups) else None
                 items = asm.build(group, reads)
                 reads = following
-                _record(asm.stats(full, time.perf_counter() - t0), "jax")
+                record_stats(asm.stats(full, time.perf_counter() - t0), "jax")
                 yield from items
         finally:
             close()

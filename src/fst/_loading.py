@@ -1,0 +1,126 @@
+"""The loading layer every planner stands on: open a checkpoint, start a load on the route its
+device needs (host backends, pinned staging, GPU Direct Storage), and record its stats.
+
+Above it: ``_api`` (load, iter_tensors), ``_safe_open``, ``distributed`` and ``jax``. Below it:
+the adapters, the runtime probes, the settings and path resolution.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Iterable, Optional, Union
+
+from . import _core, _runtime, _settings
+from ._paths import PathArg, resolve_checkpoint
+from .adapters import Adapter
+from .errors import CudaError, UnsupportedError
+
+Keys = Optional[Union[str, Iterable[str]]]
+
+_local = threading.local()
+
+
+def key_patterns(keys: Keys) -> Optional[list[str]]:
+    """`keys=` as the core takes it: None (everything) or a list of names and glob patterns."""
+    if keys is None:
+        return None
+    if isinstance(keys, str):
+        return [keys]
+    try:
+        patterns = list(keys)
+    except TypeError:
+        raise TypeError(f"keys must be a tensor name or glob pattern, or an iterable of them, not "
+                        f"{type(keys).__name__} {keys!r}") from None
+    # The types, collected in C: keys may list 250,000 names, too many for a Python loop.
+    if not all(issubclass(kind, str) for kind in set(map(type, patterns))):
+        bad = next(p for p in patterns if not isinstance(p, str))
+        raise TypeError(f"keys must hold tensor names or glob patterns (str), not {type(bad).__name__} {bad!r}")
+    return patterns
+
+
+def open_checkpoint(path: PathArg, threads: Optional[int] = None) -> _core.Checkpoint:
+    """Parse and validate every header of a checkpoint (file, list, index or directory).
+
+    With an index, the checkpoint is what the index names: tensors a file holds that the index
+    does not name are left out (``unindexed()``, and each load's stats), and a name the index
+    maps to a file lacking it is an error when a load selects it.
+    """
+    _settings.check_environment()
+    files, index = resolve_checkpoint(path)
+    as_core = None if index is None else (index.path, index.shards, index.weight_map)
+    return _core.Checkpoint(files, _settings.threads(threads), as_core)
+
+
+def last_load_stats() -> Optional[dict[str, Any]]:
+    """Stats of the most recent load on this thread: backend and why, bytes, seconds."""
+    return getattr(_local, "stats", None)
+
+
+def record_stats(stats: dict[str, Any], framework: str) -> None:
+    """Make `stats` (a load's, with the framework it loaded into) this thread's last_load_stats()."""
+    stats = dict(stats)
+    stats["framework"] = framework
+    _local.stats = stats
+
+
+GPU_ALIGNMENT = 256  # every tensor fst places on a GPU starts on a 256-byte boundary
+
+
+def start_load(adapter: Adapter, selection: _core.Selection, device: Any, backend: str, threads: int,
+               sinks: Optional[dict] = None):
+    """Start reading `selection` for `device`: host backends for host memory; for a GPU, GPU
+    Direct Storage when asked for (or, with "auto", where it really works), else the pinned
+    staging pipeline, with the reason GDS was not used in the load's stats.
+
+    Pinned staging buffers come from each device's process-wide pool (see release_staging).
+    `sinks` (a dict the caller keeps across loads run one after another, such as the groups of
+    a stream) holds each device's per-stream state: the staged loads' device scratch memory,
+    and GDS's registered files (of this checkpoint) and registered bulk buffer, set up once
+    instead of once per load."""
+    index = adapter.cuda_index(device)
+    if index is None:
+        return selection.start(backend, threads, adapter.alignment, adapter.view_alignment, True)
+    if backend == "mmap":
+        raise UnsupportedError("backend 'mmap' gives zero-copy host views; GPU targets use pread, direct or gds")
+    request_bytes = _settings.staging_buffer()
+    note = ""
+    if backend in ("gds", "auto"):
+        use_gds, note = _runtime.gds_choice() if backend == "auto" else (True, "")
+        if use_gds:
+            try:
+                gds_device = None
+                if sinks is not None:
+                    gds_device = sinks.get(("gds", index))
+                    if gds_device is None:
+                        gds_device = sinks[("gds", index)] = _core.GdsDevice(index, _runtime.bundled_cufile())
+                return selection.start_gds(
+                    index,
+                    threads,
+                    GPU_ALIGNMENT,
+                    request_bytes,
+                    _settings.gds_buffer(),
+                    _runtime.bundled_cufile(),
+                    gds_device=gds_device,
+                )
+            except (UnsupportedError, CudaError) as exc:
+                if backend == "gds":
+                    raise
+                # Opening or registering a file failed (no O_DIRECT, a file system GDS
+                # cannot serve), or the bulk buffer did not fit beside the tensors: the staged
+                # path, whose staging memory is on the host, reads it.
+                note = f"GPU Direct Storage not used: {exc}"
+    sink = None
+    if sinks is not None:
+        sink = sinks.get(index)
+        if sink is None:
+            sink = sinks[index] = _core.StagingSink(index, GPU_ALIGNMENT)
+    return selection.start_staged(
+        index,
+        "pread" if backend == "auto" else backend,
+        threads,
+        GPU_ALIGNMENT,
+        _settings.pinned_budget(),
+        request_bytes,
+        note=note,
+        sink=sink,
+    )
