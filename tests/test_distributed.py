@@ -127,6 +127,15 @@ def test_plan_balances_bytes_across_ranks():
             assert max(reads) - min(reads) <= slack, (ws, budget, reads)
 
 
+def test_plan_is_made_without_torch():
+    """The plan is pure: importing and running it loads no framework."""
+    code = ("import sys; from fst.distributed.plan import ShardRules, TensorKind, make_plan; "
+            "plan = make_plan([('w', 'BF16', (6, 4)), ('b', 'F32', (4,))], ShardRules({'w': 0}), 2, 64); "
+            "assert [t.kind for t in plan.tensors] == [TensorKind.OWN_ROWS, TensorKind.REPLICATED]; "
+            "assert 'torch' not in sys.modules and 'jax' not in sys.modules, sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_plan_digest_covers_what_ranks_must_agree_on():
     base = make_plan(entries(ALL), ShardRules(SHARD), 2, 1000).digest
     assert make_plan(entries(ALL), ShardRules(SHARD), 2, 1000).digest == base

@@ -5,9 +5,18 @@ staging count behind `staging_peak`. The layout is computed alike on every rank.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from .plan import Plan, PlannedTensor, RowRun, TensorKind, align, byte_shape
+
+
+class Scatter(NamedTuple):
+    """One scatter of a step: rank `source` sends every rank its parts of `runs`."""
+
+    source: int
+    runs: list          # RowRun of tensors sharded on d > 0, read by `source`
+    offsets: list       # per rank, where each run's part starts in that rank's buffer (and the end)
+    size: int           # bytes of every rank's buffer: the largest, scatter wanting equal sizes
 
 
 class StepBuffers:
@@ -64,7 +73,7 @@ class StepBuffers:
         return out
 
     def scatters(self, k: int) -> list:
-        """(source, runs, per-rank offsets, padded size) of the step's scatters, in issue order."""
+        """The step's scatters, in issue order."""
         out = []
         ws = self.ws
         by_src: dict[int, list] = {}
@@ -77,7 +86,7 @@ class StepBuffers:
             for r in range(ws):
                 for i, p in enumerate(runs):
                     offsets[r][i + 1] = offsets[r][i] + p.t.part_bytes(r, None if p.whole else p.hi - p.lo)
-            out.append((s, runs, offsets, max(o[-1] for o in offsets)))
+            out.append(Scatter(s, runs, offsets, max(o[-1] for o in offsets)))
         return out
 
     # ---- storage

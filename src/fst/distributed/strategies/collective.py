@@ -23,6 +23,13 @@ class StepReads(NamedTuple):
     staged: int         # their bytes, held in staging until sent
 
 
+class PreparedStep(NamedTuple):
+    """What this rank read of one step, placed for the collectives."""
+
+    own: dict           # tensor index -> its dimension-0 rows, where they stay
+    sends: dict         # scatter source (this rank) -> its send buffer, one row per rank
+
+
 class CollectiveStrategy:
     """Steps of the plan in order: read this rank's part (the next step's reads overlapping
     this step's collectives), check that every rank goes on, exchange, give out the tensors
@@ -52,7 +59,7 @@ class CollectiveStrategy:
         self.buffers.hold(staged)
         return StepReads(own, stage, mine, staged)
 
-    def _prepare(self, k: int, reads: StepReads) -> dict:
+    def _prepare(self, k: int, reads: StepReads) -> PreparedStep:
         """Wait for this rank's reads of step k; put what it read where the collectives take it."""
         torch, stats, buffers = self.ctx.torch, self.ctx.stats, self.buffers
         own_pending, stage_pending, mine, staged = reads
@@ -90,9 +97,9 @@ class CollectiveStrategy:
         del stage, xs
         buffers.release(staged)
         stats["seconds_copy"] += now() - t
-        return {"own": own_by_index, "sends": sends}
+        return PreparedStep(own_by_index, sends)
 
-    def _exchange(self, k: int, prep: dict) -> dict:
+    def _exchange(self, k: int, prep: PreparedStep) -> dict:
         """Issue the step's collectives (async) and wait for them; returns the scatter buffers."""
         torch, st, buffers, agreement = self.ctx.torch, self.ctx.stats, self.buffers, self.agreement
         me, ws = self.me, self.ws
@@ -111,11 +118,11 @@ class CollectiveStrategy:
             if size == 0:
                 continue
             if ws == 1:
-                recvs[s] = prep["sends"][s][0]
+                recvs[s] = prep.sends[s][0]
                 continue
             out = torch.empty(size, dtype=torch.uint8, device=self.ctx.comm_device)
             buffers.hold(size)
-            send = list(prep["sends"][s].unbind(0)) if s == me else None
+            send = list(prep.sends[s].unbind(0)) if s == me else None
             works.append(agreement.collective("scatter", out, send, src=self.srcs[s], group=agreement.group,
                                               async_op=True))
             recvs[s] = out
@@ -133,7 +140,7 @@ class CollectiveStrategy:
         st["seconds_comm"] += now() - t
         return recvs
 
-    def _unpack(self, k: int, prep: dict, recvs: dict) -> list:
+    def _unpack(self, k: int, prep: PreparedStep, recvs: dict) -> list:
         """Copy the received shard parts home and give out the step's finished tensors."""
         me, buffers, assembler = self.me, self.buffers, self.assembler
         t0 = now()
@@ -150,14 +157,14 @@ class CollectiveStrategy:
                 dst.copy_(buf[lo:hi].view(dst.shape))
         for s in list(recvs):
             buffers.release(recvs[s].numel() if self.ws > 1 else 0)
-        for buf in prep["sends"].values():
+        for buf in prep.sends.values():
             buffers.release(buf.numel())
         out = []
         for t in self.plan.steps[k].done:
             if t.kind is TensorKind.REPLICATED:
                 x = assembler.typed(buffers.replicated(k, t), t, t.shape)
             elif t.kind is TensorKind.OWN_ROWS:
-                raw = prep["own"].get(t.index)
+                raw = prep.own.get(t.index)
                 x = assembler.typed(raw, t, t.part_shape(me)) if raw is not None else assembler.empty(t)
             elif t.kind is TensorKind.SCATTERED:
                 x = assembler.typed(buffers.part(t, flat=True), t, t.part_shape(me))
