@@ -127,6 +127,15 @@ def test_plan_balances_bytes_across_ranks():
             assert max(reads) - min(reads) <= slack, (ws, budget, reads)
 
 
+def test_plan_is_made_without_torch():
+    """The plan is pure: importing and running it loads no framework."""
+    code = ("import sys; from fst.distributed.plan import ShardRules, TensorKind, make_plan; "
+            "plan = make_plan([('w', 'BF16', (6, 4)), ('b', 'F32', (4,))], ShardRules({'w': 0}), 2, 64); "
+            "assert [t.kind for t in plan.tensors] == [TensorKind.OWN_ROWS, TensorKind.REPLICATED]; "
+            "assert 'torch' not in sys.modules and 'jax' not in sys.modules, sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_plan_digest_covers_what_ranks_must_agree_on():
     base = make_plan(entries(ALL), ShardRules(SHARD), 2, 1000).digest
     assert make_plan(entries(ALL), ShardRules(SHARD), 2, 1000).digest == base
@@ -512,6 +521,7 @@ def _mapped_file(tensor) -> str:
 
 def _scenario_local(rank, ws, tmp, results):
     from fst import distributed
+    from fst.distributed.strategies.local import LocalStrategy
 
     folder = tmp / "ckpt"
     ref, order = _reference(folder), _file_order(folder)
@@ -547,9 +557,9 @@ def _scenario_local(rank, ws, tmp, results):
           [n for n in order if n in converting])
     expected += 1
     results["expected_ok"] = expected
-    run = distributed._Run(distributed.DistributedLoad(None, SHARD), folder, "cpu", None, "auto", 0, False, 700)
+    run = distributed.RankLoad(distributed.DistributedLoad(None, SHARD), folder, "cpu", None, "auto", 0, False, 700)
     assert run.local
-    results["share"] = run._share()
+    results["share"] = run.strategy.share()
 
     results["errors"] = []
     os.environ["FST_DISTRIBUTED"] = "local"
@@ -559,18 +569,18 @@ def _scenario_local(rank, ws, tmp, results):
         os.environ["FST_DISTRIBUTED"] = "collective"
     _expect_failure(results, "strategies differ", lambda: fst.load(folder, framework="torch", shard=SHARD))
     os.environ["FST_DISTRIBUTED"] = "auto"
-    real = distributed._Run._map_local
+    real = LocalStrategy._map_local
 
     def failing(self, rows, backend):
         if self.me == 1:
             raise OSError(5, "Input/output error (injected)")
         return real(self, rows, backend)
 
-    distributed._Run._map_local = failing
+    LocalStrategy._map_local = failing
     try:
         _expect_failure(results, "mapping fails on rank 1", lambda: fst.load(folder, framework="torch", shard=SHARD))
     finally:
-        distributed._Run._map_local = real
+        LocalStrategy._map_local = real
 
 
 def _expect_failure(results, name, fn):
@@ -583,7 +593,7 @@ def _expect_failure(results, name, fn):
 
 
 def _scenario_errors(rank, ws, tmp, results):
-    from fst import distributed
+    from fst.distributed.strategies.collective import CollectiveStrategy
 
     good, bad, other = tmp / "ckpt", tmp / "bad", tmp / "other"
     results["errors"] = []
@@ -597,14 +607,14 @@ def _scenario_errors(rank, ws, tmp, results):
     _expect_failure(results, "ranks disagree",
                     lambda: fst.load(other if rank == 1 else good, framework="torch", shard=SHARD))
 
-    real = distributed._Run._prepare
+    real = CollectiveStrategy._prepare
 
     def failing(self, k, reads):
         if self.me == 1 and k == 2:
             raise OSError(5, "Input/output error (injected)")
         return real(self, k, reads)
 
-    distributed._Run._prepare = failing
+    CollectiveStrategy._prepare = failing
     try:
         os.environ["FST_STAGING_BUDGET"] = "2000"
         _expect_failure(results, "read fails mid-load", lambda: fst.load(good, framework="torch", shard=SHARD))
@@ -612,7 +622,7 @@ def _scenario_errors(rank, ws, tmp, results):
         _expect_failure(results, "read fails mid-iteration",
                         lambda: list(fst.iter_tensors(good, framework="torch", shard=SHARD, budget=2000)))
     finally:
-        distributed._Run._prepare = real
+        CollectiveStrategy._prepare = real
     got = fst.load(good, framework="torch", shard=SHARD)
     assert not _compare(got, _reference(good), shard_dim, ws, rank, _file_order(good))
     results["after"] = "ok"
