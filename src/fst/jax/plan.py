@@ -7,6 +7,7 @@ asked only for ``addressable_devices_indices_map``), so nothing here imports jax
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol, Sequence
 
 import numpy as np
@@ -42,38 +43,37 @@ class ShardingSource(Protocol):
     def rest(self) -> Any: ...
 
 
+@dataclass(slots=True, eq=False)
 class Block:
     """One distinct block of a tensor and the local devices that hold it."""
 
-    __slots__ = ("read", "index", "shape", "full", "devices", "nbytes")
-
-    def __init__(self, read: int, index: tuple, shape: tuple, full: bool, devices: list, nbytes: int):
-        self.read = read  # position of its rows among the tensor's reads (-1: nothing to read)
-        self.index = index  # slices into those rows
-        self.shape = shape
-        self.full = full  # the block is its rows, whole
-        self.devices = devices
-        self.nbytes = nbytes
+    read: int  # position of its rows among the tensor's reads (-1: nothing to read)
+    index: tuple  # slices into those rows
+    shape: tuple
+    full: bool  # the block is its rows, whole
+    devices: list
+    nbytes: int
 
 
+@dataclass(slots=True, eq=False)
 class TensorPlan:
     """What this process reads of one tensor and where each block goes."""
 
-    __slots__ = ("name", "dtype", "shape", "sharding", "order", "slots", "blocks", "reads", "lanes", "charge")
+    name: str
+    dtype: str  # the file's dtype name
+    shape: tuple
+    sharding: Any  # None: one whole array on one device
+    order: list  # devices in the order make_array wants their arrays
+    blocks: list[Block]
+    reads: list[tuple[int, int]]  # (first_row, rows) of dimension 0
+    charge: dict[str, int]  # device key -> bytes read for it
+    slots: dict = field(init=False)  # device -> its position in `order`
+    lanes: list[Lane] = field(init=False)  # per read
 
-    def __init__(self, name: str, dtype: str, shape: tuple, sharding: Any, order: list, blocks: list[Block],
-                 reads: list[tuple[int, int]], charge: dict[str, int]):
-        self.name = name
-        self.dtype = dtype  # the file's dtype name
-        self.shape = shape
-        self.sharding = sharding  # None: one whole array on one device
-        self.order = order  # devices in the order make_array wants their arrays
-        self.slots = {d: i for i, d in enumerate(order)}
-        self.blocks = blocks
-        self.reads = reads  # (first_row, rows) of dimension 0
-        whole = {b.read for b in blocks if b.full}
-        self.lanes = [Lane.WHOLE if r in whole else Lane.CUT for r in range(len(reads))]
-        self.charge = charge  # device key -> bytes read for it
+    def __post_init__(self) -> None:
+        self.slots = {d: i for i, d in enumerate(self.order)}
+        whole = {b.read for b in self.blocks if b.full}
+        self.lanes = [Lane.WHOLE if r in whole else Lane.CUT for r in range(len(self.reads))]
 
     @property
     def read_bytes(self) -> int:
