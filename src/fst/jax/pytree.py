@@ -8,11 +8,11 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
-from .. import _core, _settings
+from .. import _settings
 from .._loading import open_checkpoint
 from .._paths import PathArg
-from ..adapters.numpy import NUMPY_DTYPES
 from ..errors import FstError
+from .assembly import host_types
 from .sharded_load import ShardedLoad
 
 
@@ -30,11 +30,6 @@ def _path_name(path: tuple) -> str:
         else:
             parts.append(str(k))
     return ".".join(parts)
-
-
-def _jax_dtype(dtype_name: str) -> Optional[np.dtype]:
-    dt = NUMPY_DTYPES[_core.DTYPE_NAMES.index(dtype_name)]
-    return None if dt is None else jax.dtypes.canonicalize_dtype(dt)
 
 
 def _refuse_duplicates(names: list[str]) -> None:
@@ -60,7 +55,7 @@ def _shardings(names: list[str], leaves: list, ckpt: Any) -> dict[str, Any]:
         if tuple(shape) != want_shape:
             problems.append(f"{name}: shape {tuple(shape)} in the checkpoint, {want_shape} in the tree")
             continue
-        have = _jax_dtype(dtype)
+        _np_dtype, have, _converts = host_types(dtype)
         want = jax.dtypes.canonicalize_dtype(leaf.dtype)
         if have is None or have != want:
             problems.append(f"{name}: dtype {dtype} in the checkpoint, {np.dtype(leaf.dtype).name} in the tree "
