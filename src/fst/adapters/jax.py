@@ -22,7 +22,7 @@ _CAST_TO = {
 }
 
 
-def _jax_device(device: Any) -> Any:
+def jax_device(device: Any) -> Any:
     """A jax.Device of this process for `device` (a Device, "platform[:i]", or None: the first)."""
     if device is None:
         return jax.local_devices()[0]
@@ -47,12 +47,12 @@ class JaxAdapter:
     conversion_mode = "jax"  # jnp.asarray(a).astype(d) on the CPU backend, GPU targets too
 
     def check_device(self, device: Any) -> None:
-        dev = _jax_device(device)
+        dev = jax_device(device)
         if dev.platform not in ("cpu", "gpu", "cuda"):
             raise UnsupportedError(f"device {device!r}: fst loads to CPU or CUDA devices")
 
     def cuda_index(self, device: Any) -> Optional[int]:
-        dev = _jax_device(device)
+        dev = jax_device(device)
         return None if dev.platform == "cpu" else dev.local_hardware_id
 
     def _wrap(self, name: str, t: _core.DLPackTensor, device: Any) -> jax.Array:
@@ -63,7 +63,7 @@ class JaxAdapter:
         return out if device in out.devices() else jax.device_put(out, device)
 
     def export(self, loaded: _core.Loaded, device: Any) -> dict[str, jax.Array]:
-        dev = _jax_device(device)
+        dev = jax_device(device)
         items = [(name, self._wrap(name, t, dev)) for name, t in loaded.to_dlpack(_NO_BYTES)]
         for i, target in loaded.casts:  # device loads: conversion on the device, by XLA
             items[i] = (items[i][0], items[i][1].astype(_CAST_TO[target]))
@@ -73,7 +73,7 @@ class JaxAdapter:
         return array.astype(_CAST_TO[target])  # keeps the array's sharding
 
     def from_source(self, source: _core.TensorSource, name: str, lo: int | None, hi: int | None, device: Any) -> jax.Array:
-        return self._wrap(name, source.tensor(name, lo, hi, _NO_BYTES), _jax_device(device))
+        return self._wrap(name, source.tensor(name, lo, hi, _NO_BYTES), jax_device(device))
 
 
 ADAPTER = JaxAdapter()
