@@ -22,10 +22,13 @@ import sys
 import pytest
 
 from checkpoints import write
+from fst import _core
 from fake_cuda import COMPILER, READBACK, FakeCuda, build
 
 pytestmark = pytest.mark.skipif(COMPILER is None or not sys.platform.startswith("linux"),
                                 reason="needs a C++ compiler on Linux")
+# Tests that watch fst's kernels run need a build that has them (FST_CUDA=ON, or AUTO with nvcc).
+needs_kernels = pytest.mark.skipif(not _core.HAVE_KERNELS, reason="this build has no CUDA kernels")
 
 
 @pytest.fixture(scope="session")
@@ -71,6 +74,7 @@ def compare(loaded, ref, names):
 """
 
 
+@needs_kernels
 def test_staged_load_onto_device_0_matches_safetensors(fake, checkpoint):
     got, calls = fake.run(LOAD_AND_COMPARE + f"""
 path = {str(checkpoint)!r}
@@ -86,6 +90,7 @@ print(json.dumps({{"bad": compare(loaded, reference(path, None), sel.names()), "
     assert not [c for c in calls if c["fn"] in ("copy.failed", "launch.failed")]
 
 
+@needs_kernels
 @pytest.mark.parametrize("dtype", ["F32", "BF16", "F16", "F8_E4M3"])
 def test_conversions_on_device_0_run_the_kernel_source(fake, checkpoint, dtype):
     """The kernel source, run by the fake, converts exactly like fst's host conversion (the
@@ -290,6 +295,7 @@ print(json.dumps({{"bad": compare(loaded, reference(path, None), sel.names()), "
     assert not any(c["fn"] == "cuLaunchKernel" for c in calls)
 
 
+@needs_kernels
 def test_every_driver_entry_point_fst_resolves_is_exercised(fake, checkpoint):
     """Across a load with conversions, driver and device queries, a kernel call on memory of
     its own, a freed pool, an out-of-memory and a failed copy, fst calls every entry point it
