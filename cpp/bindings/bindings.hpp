@@ -35,6 +35,7 @@ void register_plan(py::module_& m);     // plan.cpp: Checkpoint, Selection, dtyp
 void register_load(py::module_& m);     // load.cpp: Loaded, PendingLoad, Selection.start*
 void register_source(py::module_& m);   // source.cpp: TensorSource, Checkpoint.source
 void register_convert(py::module_& m);  // convert.cpp: host and device conversion
+void register_testing(py::module_& m);  // testing.cpp: fst._core._testing, hooks for the tests
 
 // ---- export (export.cpp) -----------------------------------------------------------------
 
@@ -127,9 +128,9 @@ ReadOptions read_options(const std::string& backend, unsigned threads, std::uint
 std::shared_ptr<GdsDevice> make_gds_device(int device, const std::string& bundled_library);
 
 // The sink of a staged load: CUDA device memory (device >= 0), or host memory through a host
-// copy engine (device < 0: the same pipeline, checkable without a GPU).
-std::shared_ptr<StagingSink> make_staging_sink(int device, std::uint64_t alignment, unsigned host_copy_delay_us,
-                                               bool host_converts, unsigned host_fail_wait);
+// copy engine (device < 0: the same pipeline, checkable without a GPU). Host sinks that
+// misbehave on purpose are made by fst._core._testing.host_sink (testing.cpp).
+std::shared_ptr<StagingSink> make_staging_sink(int device, std::uint64_t alignment);
 
 // ---- convert (convert.cpp) ---------------------------------------------------------------
 

@@ -16,10 +16,8 @@ std::shared_ptr<GdsDevice> make_gds_device(int device, const std::string& bundle
   return device < 0 ? make_host_gds_device() : make_cufile_device(device, bundled_library);
 }
 
-std::shared_ptr<StagingSink> make_staging_sink(int device, std::uint64_t alignment, unsigned host_copy_delay_us,
-                                               bool host_converts, unsigned host_fail_wait) {
-  return device < 0 ? make_host_sink(alignment, host_copy_delay_us, host_converts, host_fail_wait)
-                    : make_cuda_sink(device);
+std::shared_ptr<StagingSink> make_staging_sink(int device, std::uint64_t alignment) {
+  return device < 0 ? make_host_sink(alignment) : make_cuda_sink(device);
 }
 
 namespace {
@@ -29,12 +27,11 @@ void register_devices(py::module_& m) {
   // time: on a CUDA device, its device scratch memory (the pinned buffers come from the
   // device's process-wide pool either way); on the host (device -1), a pool of its own.
   py::class_<StagingSink, std::shared_ptr<StagingSink>>(m, "StagingSink")
-      .def(py::init([](int device, std::uint64_t alignment, unsigned host_copy_delay_us, bool host_converts) {
+      .def(py::init([](int device, std::uint64_t alignment) {
              py::gil_scoped_release release;
-             return make_staging_sink(device, alignment, host_copy_delay_us, host_converts, 0);
+             return make_staging_sink(device, alignment);
            }),
-           py::arg("device"), py::arg("alignment") = 256, py::arg("host_copy_delay_us") = 0,
-           py::arg("host_converts") = true)
+           py::arg("device"), py::arg("alignment") = 256)
       // Pinned buffers its pool has allocated so far (a buffer handed out again is not counted
       // twice).
       .def_property_readonly("buffers_allocated", [](StagingSink& s) { return s.pool().usage().allocations; })
@@ -65,7 +62,7 @@ void register_staging_pool(py::module_& m) {
     std::shared_ptr<Buffer> arena;
     {
       py::gil_scoped_release release;  // `info` keeps the buffer alive and unchanged in size
-      sink = make_staging_sink(device, 256, 0, true, 0);
+      sink = make_staging_sink(device, 256);
       arena = stage_host_bytes(*sink, static_cast<const std::byte*>(info.ptr), bytes, opt);
       sink.reset();
     }

@@ -172,7 +172,6 @@ void register_starts(py::module_& m) {
       // with a host copy engine (device = -1: the same pipeline, checkable without a GPU).
       .def("start_staged", [](const PySelection& s, int device, const std::string& backend, unsigned threads,
                               std::uint64_t alignment, std::uint64_t budget, std::uint64_t buffer_bytes,
-                              unsigned host_copy_delay_us, bool host_converts, unsigned host_fail_wait,
                               const std::string& note, std::shared_ptr<StagingSink> sink, std::uint32_t batch_pieces) {
         StagingOptions opt;
         opt.batch_pieces = batch_pieces;
@@ -184,12 +183,11 @@ void register_starts(py::module_& m) {
         opt.convert_mode = s.mode;
         PyPending p{nullptr, s.ckpt, note};
         py::gil_scoped_release release;
-        if (!sink) sink = make_staging_sink(device, alignment, host_copy_delay_us, host_converts, host_fail_wait);
+        if (!sink) sink = make_staging_sink(device, alignment);
         p.pending = std::make_unique<StagedLoad>(s.ckpt, s.picks, opt, std::move(sink), s.targets);
         return p;
       }, py::arg("device"), py::arg("backend") = "pread", py::arg("threads") = 0, py::arg("alignment") = 256,
          py::arg("budget") = StagingOptions{}.budget, py::arg("buffer_bytes") = StagingOptions{}.buffer_bytes,
-         py::arg("host_copy_delay_us") = 0, py::arg("host_converts") = true, py::arg("host_fail_wait") = 0,
          py::arg("note") = "", py::arg("sink") = nullptr, py::arg("batch_pieces") = StagingOptions{}.batch_pieces)
       // GPU Direct Storage into device memory (device >= 0), or the same plan run on host
       // memory with the host twins of the kernels (device = -1: checkable without a GPU).

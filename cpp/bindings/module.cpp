@@ -17,4 +17,5 @@ PYBIND11_MODULE(_core, m) {
   register_load(m);     // Loaded, PendingLoad, and Selection's start methods
   register_source(m);   // TensorSource and Checkpoint.source
   register_convert(m);
+  register_testing(m);  // after StagingSink, which its host_sink returns
 }
