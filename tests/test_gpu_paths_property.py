@@ -102,7 +102,8 @@ def test_gpu_paths_deliver_the_reference_bytes(path_kind, case):
         if path_kind == "staged":
             buffer_bytes = case["buffer_pages"] * PAGE
             pending = selection.start_staged(-1, "pread", case["threads"], 256, 2 * buffer_bytes, buffer_bytes,
-                                             host_copy_delay_us=5, batch_pieces=case["batch_pieces"])
+                                             sink=fst._core._testing.host_sink(copy_delay_us=5),
+                                             batch_pieces=case["batch_pieces"])
         else:
             pending = selection.start_gds(-1, case["threads"], 256, case["buffer_pages"] * PAGE,
                                           max(case["bulk_pages"], 2) * PAGE, merge_gap=case["merge_gap"])

@@ -106,8 +106,8 @@ def test_keyboard_interrupt_stops_a_load_and_leaks_nothing(tmp_path):
     path = write(tmp_path / "m.safetensors", [(f"t{i}", "F32", [1024]) for i in range(400)])
     fds, threads, _ = snapshot()
     # A deliberately slow copy engine: 400 requests of 4 KiB, each copy started 5 ms late (2 s).
-    pending = fst.open_checkpoint(path).select(None).start_staged(-1, "pread", 2, 256, 8192, 4096,
-                                                                   host_copy_delay_us=5000)
+    pending = fst.open_checkpoint(path).select(None).start_staged(
+        -1, "pread", 2, 256, 8192, 4096, sink=fst._core._testing.host_sink(copy_delay_us=5000))
     signal.setitimer(signal.ITIMER_REAL, 0.3)
     previous = signal.signal(signal.SIGALRM, signal.default_int_handler)
     started = time.monotonic()

@@ -24,7 +24,7 @@ def checkpoint(tmp_path_factory):
 def test_staged_bytes_match(checkpoint, backend, threads, buffer_bytes, budget):
     ref = {k: raw_bytes(v) for k, v in fst.load(checkpoint, backend="pread").items()}
     # A slow copy engine: reusing a buffer before its copies finish would corrupt the output.
-    sink = fst._core.StagingSink(-1, host_copy_delay_us=50)
+    sink = fst._core._testing.host_sink(copy_delay_us=50)
     pending = fst.open_checkpoint(checkpoint).select(None).start_staged(
         -1, backend, threads, 256, budget, buffer_bytes, sink=sink
     )
@@ -46,7 +46,7 @@ def test_loads_one_after_another_share_a_sinks_staging_buffers(checkpoint):
     them."""
     ckpt = fst.open_checkpoint(checkpoint)
     ref = {k: raw_bytes(v) for k, v in fst.load(checkpoint, backend="pread").items()}
-    sink = fst._core.StagingSink(-1, host_copy_delay_us=20)
+    sink = fst._core._testing.host_sink(copy_delay_us=20)
     counts = []
     for keys in (["t1*"], ["t2*", "scalar"], None, ["t3*"]):
         loaded = ckpt.select(keys).start_staged(-1, "pread", 3, 256, 4 * 8192, 8192, sink=sink).wait()
@@ -74,8 +74,8 @@ def test_requests_of_many_tiny_tensors_are_placed_by_one_move(tmp_path, batch_pi
     selection = fst.open_checkpoint(path).select(None)
     if dtype is not None:
         selection = selection.with_dtypes(dtype, [])
-    loaded = selection.start_staged(-1, "pread", 3, 256, 4 * 8192, 8192, host_copy_delay_us=5,
-                                    batch_pieces=batch_pieces).wait()
+    loaded = selection.start_staged(-1, "pread", 3, 256, 4 * 8192, 8192,
+                                    sink=fst._core._testing.host_sink(copy_delay_us=5), batch_pieces=batch_pieces).wait()
     got = {n: torch.from_dlpack(t) for n, t in loaded.to_dlpack([False] * len(fst._core.DTYPE_NAMES))}
     for name, t in got.items():
         want = ref[name].to(torch.float32) if dtype and ref[name].is_floating_point() else ref[name]
@@ -118,8 +118,8 @@ def test_staged_errors(checkpoint, tmp_path):
 FAILED_COPY = """
 import sys, fst
 sel = fst.open_checkpoint(sys.argv[1]).select(None)
-pending = sel.start_staged(-1, "pread", int(sys.argv[2]), 256, 8192, 4096, host_copy_delay_us=20,
-                           host_fail_wait=int(sys.argv[3]))
+pending = sel.start_staged(-1, "pread", int(sys.argv[2]), 256, 8192, 4096,
+                           sink=fst._core._testing.host_sink(copy_delay_us=20, fail_wait=int(sys.argv[3])))
 try:
     pending.wait()
 except fst.CudaError as exc:

@@ -1,5 +1,5 @@
 // GPU Direct Storage loads: the pure plan, the load that runs it, and the host device that
-// runs it on the CPU for tests. The cuFile device is in shim/cufile_device.cpp.
+// runs it on the CPU for tests. The cuFile device is in device/cufile_device.cpp.
 #include "fst/gds.hpp"
 
 #include <unistd.h>

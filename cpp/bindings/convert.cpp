@@ -1,8 +1,6 @@
 // Python bindings of the conversion and move arithmetic: fst._core.convert (host),
 // fst._core.convert_on_device and fst._core.move_on_device (the CUDA kernels on device memory),
-// fst._core.conversion_supported and fst._core.CONVERT_MODES. Registered by fst_register_convert(), called from the module
-// definition in bindings.cpp.
-#include <pybind11/pybind11.h>
+// fst._core.conversion_supported and fst._core.CONVERT_MODES.
 #include <pybind11/stl.h>
 
 #include <cstdint>
@@ -16,15 +14,14 @@
 #include <sys/mman.h>
 #endif
 
+#include "bindings.hpp"
 #include "fst/convert.hpp"
 #include "fst/cuda.hpp"
 #include "fst/dtype.hpp"
 #include "fst/errors.hpp"
 
-namespace py = pybind11;
+namespace fst::bindings {
 
-// A conversion mode named from Python (one of CONVERT_MODES); ValueError otherwise. Also used
-// by the load bindings (cpp/bindings.cpp).
 fst::ConvertMode parse_mode(const std::string& name) {
   const auto m = fst::convert_mode_from_name(name);
   if (!m) throw py::value_error("unknown conversion mode '" + name + "'");
@@ -126,7 +123,7 @@ py::object convert(const py::object& src, const std::string& src_dtype,
 
 }  // namespace
 
-void fst_register_convert(py::module_& m) {
+void register_convert(py::module_& m) {
   py::list modes;
   for (unsigned i = 0; i < fst::kConvertModeCount; ++i)
     modes.append(py::str(std::string(fst::convert_mode_name(static_cast<fst::ConvertMode>(i)))));
@@ -178,3 +175,5 @@ void fst_register_convert(py::module_& m) {
       py::arg("src_dtype"), py::arg("dst_dtype"),
       "Whether convert() supports this pair of dtype names.");
 }
+
+}  // namespace fst::bindings

@@ -14,7 +14,7 @@
 #include "fst/errors.hpp"
 #include "fst/staging.hpp"
 #include "shim/cuda_api.hpp"
-#include "shim/cuda_device.hpp"
+#include "device/cuda_device.hpp"
 
 namespace fst {
 

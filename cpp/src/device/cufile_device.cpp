@@ -10,7 +10,7 @@
 #include "fst/errors.hpp"
 #include "fst/gds.hpp"
 #include "shim/cuda_api.hpp"
-#include "shim/cuda_device.hpp"
+#include "device/cuda_device.hpp"
 #include "shim/cufile_api.hpp"
 
 namespace fst {

@@ -1,5 +1,5 @@
 // Device memory, streams, pinned host memory and the embedded batch kernels (cuda_device.hpp).
-#include "shim/cuda_device.hpp"
+#include "device/cuda_device.hpp"
 
 #include <algorithm>
 #include <condition_variable>

@@ -1,0 +1,227 @@
+// Load: the three loads a Selection starts (host reads, staged copies, GDS), the pending load
+// that waits with the GIL released, and the loaded tensors with their stats and export calls.
+#include <pybind11/numpy.h>
+#include <pybind11/stl.h>
+
+#include <optional>
+
+#include "bindings.hpp"
+#include "detail/posix_file.hpp"
+#include "fst/errors.hpp"
+#include "fst/thread_pool.hpp"
+
+namespace fst::bindings {
+
+ReadOptions read_options(const std::string& backend, unsigned threads, std::uint64_t alignment,
+                         std::uint64_t view_alignment, bool allow_views) {
+  ReadOptions opt;
+  opt.backend = backend_from_name(backend);
+  opt.threads = threads;
+  opt.alignment = alignment;
+  opt.view_alignment = view_alignment;
+  opt.allow_views = allow_views;
+  return opt;
+}
+
+namespace {
+
+struct PyLoaded {
+  LoadedTensors loaded;
+  std::shared_ptr<const Checkpoint> ckpt;
+
+  ExportItem item(std::size_t i) const {
+    const Pick& p = loaded.selection[i];
+    const Dtype d = loaded.dtypes[i];
+    return ExportItem{loaded.owners[loaded.owner_of[i]], loaded.data[i], d,
+                      signed_shape(ckpt->shape(p), ckpt->entry(p.ref).name), d,
+                      loaded.device};
+  }
+  // name -> array, or (with as_dict=false) arrays in selection order: a selection of
+  // shards may hold one tensor several times.
+  py::object to_numpy(const py::list& dtypes, bool as_dict) const {
+    if (loaded.device.type != ExportDevice::kCPU) throw UnsupportedError("numpy arrays need host memory");
+    py::dict out;
+    py::list seq;
+    std::vector<py::object> bases(loaded.owners.size());
+    for (std::size_t i = 0; i < loaded.selection.size(); ++i) {
+      std::uint32_t o = loaded.owner_of[i];
+      if (!bases[o]) bases[o] = owner_capsule(loaded.owners[o]);
+      const std::string& name = ckpt->entry(loaded.selection[i].ref).name;
+      py::object arr = numpy_array(item(i), dtypes, bases[o], name);
+      if (as_dict) out[py::str(name)] = arr;
+      else seq.append(arr);
+    }
+    return as_dict ? py::object(out) : py::object(seq);
+  }
+  py::list to_dlpack(const std::vector<bool>& bytes_for) const {
+    py::list out;
+    for (std::size_t i = 0; i < loaded.selection.size(); ++i) {
+      ExportItem it = item(i);
+      if (bytes_for[static_cast<std::size_t>(it.dtype)]) it = as_bytes(std::move(it));
+      out.append(py::make_tuple(py::str(ckpt->entry(loaded.selection[i].ref).name), DLPackTensor(std::move(it))));
+    }
+    return out;
+  }
+  // (names, capsules, indices exported as bytes): capsules straight from the core, for
+  // frameworks whose from_dlpack takes them (the cheapest import for 250,000 tensors).
+  py::tuple to_capsules(const std::vector<bool>& bytes_for, bool versioned) const {
+    const std::size_t n = loaded.selection.size();
+    py::list names(n), capsules(n), as_bytes_at;
+    for (std::size_t i = 0; i < n; ++i) {
+      ExportItem it = item(i);
+      if (bytes_for[static_cast<std::size_t>(it.dtype)]) {
+        it = as_bytes(std::move(it));
+        as_bytes_at.append(i);
+      }
+      names[i] = py::str(ckpt->entry(loaded.selection[i].ref).name);
+      capsules[i] = DLPackTensor::capsule(it, versioned);
+    }
+    return py::make_tuple(names, capsules, as_bytes_at);
+  }
+  py::dict stats() const {
+    const LoadStats& s = loaded.stats;
+    py::dict d;
+    d["backend"] = backend_name(s.backend);
+    d["reason"] = s.reason;
+    d["tensors"] = loaded.selection.size();
+    d["unindexed"] = unindexed_names(*ckpt);  // a stale index must not hide tensors silently
+    d["bytes"] = s.bytes;
+    d["bytes_read"] = s.bytes_read;
+    d["requests"] = s.requests;
+    d["resident"] = s.resident < 0 ? py::object(py::none()) : py::object(py::float_(s.resident));
+    d["seconds"] = s.seconds;
+    d["threads"] = s.threads;
+    return d;
+  }
+};
+
+struct PyPending {
+  std::unique_ptr<AsyncLoad> pending;
+  std::shared_ptr<const Checkpoint> ckpt;
+  std::string note;  // put before the load's own reason in its stats (why auto chose this path)
+
+  PyLoaded wait(py::object progress) {
+    if (!pending) throw Error("this load was already collected");
+    std::optional<py::error_already_set> py_error;
+    auto tick = [&]() -> bool {
+      py::gil_scoped_acquire gil;
+      if (PyErr_CheckSignals() != 0) {
+        py_error.emplace();
+        return false;
+      }
+      if (!progress.is_none()) {
+        try {
+          progress(pending->bytes_done(), pending->bytes_total());
+        } catch (py::error_already_set& e) {
+          py_error.emplace(std::move(e));
+          return false;
+        }
+      }
+      return true;
+    };
+    LoadedTensors loaded;
+    try {
+      py::gil_scoped_release release;
+      loaded = pending->wait(tick);
+    } catch (...) {
+      pending.reset();
+      if (py_error) throw *py_error;
+      throw;
+    }
+    pending.reset();
+    if (!note.empty()) loaded.stats.reason = note + "; " + loaded.stats.reason;
+    if (!progress.is_none()) progress(loaded.stats.bytes, loaded.stats.bytes);
+    return PyLoaded{std::move(loaded), ckpt};
+  }
+};
+
+void register_results(py::module_& m) {
+  py::class_<PyLoaded>(m, "Loaded")
+      .def("to_numpy", &PyLoaded::to_numpy, py::arg("dtypes"), py::arg("as_dict") = true)
+      .def("to_dlpack", &PyLoaded::to_dlpack, py::arg("bytes_for"))
+      .def("to_capsules", &PyLoaded::to_capsules, py::arg("bytes_for"), py::arg("versioned") = false)
+      .def_property_readonly("stats", &PyLoaded::stats)
+      .def_property_readonly("casts", [](const PyLoaded& l) {
+        py::list out;  // (tensor index, dtype name): conversions the framework must still do
+        for (const auto& [i, d] : l.loaded.casts) out.append(py::make_tuple(i, std::string(dtype_name(d))));
+        return out;
+      })
+      .def("__len__", [](const PyLoaded& l) { return l.loaded.selection.size(); });
+
+  py::class_<PyPending>(m, "PendingLoad")
+      .def("wait", &PyPending::wait, py::arg("progress") = py::none())
+      .def_property_readonly("bytes_total", [](const PyPending& p) { return p.pending ? p.pending->bytes_total() : 0; });
+}
+
+// Selection.start, .start_staged and .start_gds: the methods join the Selection class that
+// plan.cpp registered.
+void register_starts(py::module_& m) {
+  py::class_<PySelection> selection = m.attr("Selection");
+  selection
+      .def("start", [](const PySelection& s, const std::string& backend, unsigned threads,
+                       std::uint64_t alignment, std::uint64_t view_alignment, bool allow_views) {
+        ReadOptions opt = read_options(backend, threads, alignment, view_alignment, allow_views);
+        opt.convert_mode = s.mode;
+        PyPending p{nullptr, s.ckpt, {}};
+        py::gil_scoped_release release;
+        p.pending = std::make_unique<PendingLoad>(s.ckpt, s.picks, opt, s.targets);
+        return p;
+      }, py::arg("backend") = "auto", py::arg("threads") = 0, py::arg("alignment") = 64,
+         py::arg("view_alignment") = 0, py::arg("allow_views") = true)
+      // Through pinned staging buffers into device memory (device >= 0), or into host memory
+      // with a host copy engine (device = -1: the same pipeline, checkable without a GPU).
+      .def("start_staged", [](const PySelection& s, int device, const std::string& backend, unsigned threads,
+                              std::uint64_t alignment, std::uint64_t budget, std::uint64_t buffer_bytes,
+                              const std::string& note, std::shared_ptr<StagingSink> sink, std::uint32_t batch_pieces) {
+        StagingOptions opt;
+        opt.batch_pieces = batch_pieces;
+        opt.backend = backend_from_name(backend);
+        opt.threads = threads;
+        opt.alignment = alignment;
+        opt.budget = budget;
+        opt.buffer_bytes = buffer_bytes;
+        opt.convert_mode = s.mode;
+        PyPending p{nullptr, s.ckpt, note};
+        py::gil_scoped_release release;
+        if (!sink) sink = make_staging_sink(device, alignment);
+        p.pending = std::make_unique<StagedLoad>(s.ckpt, s.picks, opt, std::move(sink), s.targets);
+        return p;
+      }, py::arg("device"), py::arg("backend") = "pread", py::arg("threads") = 0, py::arg("alignment") = 256,
+         py::arg("budget") = StagingOptions{}.budget, py::arg("buffer_bytes") = StagingOptions{}.buffer_bytes,
+         py::arg("note") = "", py::arg("sink") = nullptr, py::arg("batch_pieces") = StagingOptions{}.batch_pieces)
+      // GPU Direct Storage into device memory (device >= 0), or the same plan run on host
+      // memory with the host twins of the kernels (device = -1: checkable without a GPU).
+      .def("start_gds", [](const PySelection& s, int device, unsigned threads, std::uint64_t alignment,
+                           std::uint64_t request_bytes, std::uint64_t bulk_bytes, const std::string& bundled_library,
+                           std::uint64_t merge_gap, std::shared_ptr<GdsDevice> gds_device) {
+        GdsOptions opt;
+        opt.threads = threads;
+        opt.alignment = alignment;
+        opt.request_bytes = request_bytes;
+        opt.bulk_bytes = bulk_bytes;
+        opt.merge_gap = merge_gap;
+        opt.convert_mode = s.mode;
+        PyPending p{nullptr, s.ckpt, {}};
+        py::gil_scoped_release release;
+        if (!gds_device) gds_device = make_gds_device(device, bundled_library);
+        p.pending = std::make_unique<GdsLoad>(s.ckpt, s.picks, opt, std::move(gds_device), s.targets);
+        return p;
+      }, py::arg("device"), py::arg("threads") = 0, py::arg("alignment") = 256,
+         py::arg("request_bytes") = 16u << 20, py::arg("bulk_bytes") = 512u << 20,
+         py::arg("bundled_library") = "", py::arg("merge_gap") = 1u << 20, py::arg("gds_device") = nullptr);
+}
+
+}  // namespace
+
+void register_load(py::module_& m) {
+  m.def("default_threads", &ThreadPool::default_threads);
+  m.def("page_cache_residency", [](const std::string& path) {
+    fst::detail::PosixFile f(path, O_RDONLY);
+    std::uint64_t size = f.size();
+    return page_cache_residency(f.fd(), size, 0, size);
+  });
+  register_results(m);
+  register_starts(m);
+}
+
+}  // namespace fst::bindings
