@@ -30,22 +30,22 @@ def _casts(path: PathArg, keys: Optional[list[str]], dtype: Any, threads: int) -
 
 def _distributed_or_sharded(adapter, process_group, shard, sharding, mesh, replicate_rest):
     """The planner for a multi-rank torch load or a sharded JAX load, or None for a plain load."""
-    special = None
+    planner = None
     if sharding is not None or mesh is not None or replicate_rest:
         if adapter.name != "jax":
             raise ValueError("sharding=, mesh= and replicate_rest= are for framework='jax'")
         from .jax import ShardedLoad
 
-        special = ShardedLoad(sharding=sharding, mesh=mesh, replicate_rest=replicate_rest)
+        planner = ShardedLoad(sharding=sharding, mesh=mesh, replicate_rest=replicate_rest)
     elif adapter.name == "torch":
         if process_group is None and shard is None and not _torch_distributed_initialized():
             return None  # the common case decided without importing the distributed planner
         from .distributed import distributed_load_for
 
-        special = distributed_load_for(process_group, shard)
+        planner = distributed_load_for(process_group, shard)
     elif process_group is not None or shard is not None:
         raise ValueError("process_group= and shard= are for framework='torch'")
-    return special
+    return planner
 
 
 def load(
@@ -90,9 +90,9 @@ def load(
     patterns, backend, threads = key_patterns(keys), _settings.backend(backend), _settings.threads(threads)
     adapter = get_adapter(framework)
     adapter.check_device(device)
-    special = _distributed_or_sharded(adapter, process_group, shard, sharding, mesh, replicate_rest)
-    if special is not None:
-        out = special.load(path, device=device, keys=patterns, backend=backend, threads=threads,
+    planner = _distributed_or_sharded(adapter, process_group, shard, sharding, mesh, replicate_rest)
+    if planner is not None:
+        out = planner.load(path, device=device, keys=patterns, backend=backend, threads=threads,
                            progress=progress)
         # After the load, whose planning every rank agreed on: a bad file raises on every rank
         # there, where parsing it here first would raise on one rank and leave the others waiting.
@@ -141,9 +141,9 @@ def iter_tensors(
     budget = _settings.staging_budget(budget)
     adapter = get_adapter(framework)
     adapter.check_device(device)
-    special = _distributed_or_sharded(adapter, process_group, shard, sharding, mesh, replicate_rest)
-    if special is not None:
-        stream = special.iter_tensors(path, device=device, keys=patterns, backend=backend, threads=threads,
+    planner = _distributed_or_sharded(adapter, process_group, shard, sharding, mesh, replicate_rest)
+    if planner is not None:
+        stream = planner.iter_tensors(path, device=device, keys=patterns, backend=backend, threads=threads,
                                       progress=progress, budget=budget)
         casts = _casts(path, patterns, dtype, threads)  # after the ranks agreed (see load)
         if not casts:
