@@ -6,7 +6,7 @@
 #include <optional>
 
 #include "bindings.hpp"
-#include "detail/posix_file.hpp"
+#include "fst/file_handle.hpp"
 #include "fst/errors.hpp"
 #include "fst/thread_pool.hpp"
 
@@ -216,9 +216,9 @@ void register_starts(py::module_& m) {
 void register_load(py::module_& m) {
   m.def("default_threads", &ThreadPool::default_threads);
   m.def("page_cache_residency", [](const std::string& path) {
-    fst::detail::PosixFile f(path, O_RDONLY);
-    std::uint64_t size = f.size();
-    return page_cache_residency(f.fd(), size, 0, size);
+    const auto file = FileHandle::open(path);
+    const std::uint64_t size = file->identity().size;
+    return page_cache_residency(file->fd(), size, 0, size);
   });
   register_results(m);
   register_starts(m);

@@ -51,17 +51,16 @@ HostArena::~HostArena() {
 
 std::shared_ptr<FileMapping> FileMapping::try_map(int fd, std::uint64_t offset, std::uint64_t length) {
   std::shared_ptr<FileMapping> map(new FileMapping());
-  const std::uint64_t page = static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE));
-  map->first_ = offset / page * page;
-  map->size_ = offset + length - map->first_;
   if (length == 0) {
-    // Empty tensors still point at a real (never read) address.
+    // Empty tensors still point at a real (never read, never unmapped) address.
     alignas(4096) static std::byte nothing[1];
     map->data_ = nothing;
-    map->size_ = 0;
     map->first_ = offset;
     return map;
   }
+  const std::uint64_t page = static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE));
+  map->first_ = offset / page * page;
+  map->size_ = offset + length - map->first_;
   void* p = ::mmap(nullptr, map->size_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_NORESERVE, fd,
                    static_cast<off_t>(map->first_));
   if (p == MAP_FAILED) return nullptr;

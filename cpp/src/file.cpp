@@ -10,12 +10,6 @@
 
 namespace fst::detail {
 
-PosixFile::PosixFile(const std::string& path, int flags) : path_(path) {
-  do fd_ = ::open(path.c_str(), flags | O_CLOEXEC);
-  while (fd_ < 0 && errno == EINTR);
-  if (fd_ < 0) throw IoError(errno, "open", path);
-}
-
 PosixFile PosixFile::try_open(const std::string& path, int flags, int& err) {
   PosixFile f;
   f.path_ = path;
@@ -60,13 +54,6 @@ PosixFile& PosixFile::operator=(PosixFile&& o) noexcept {
     o.fd_ = -1;
   }
   return *this;
-}
-
-std::uint64_t PosixFile::size() const {
-  struct stat st;
-  if (::fstat(fd_, &st) != 0) throw IoError(errno, "stat", path_);
-  if (S_ISDIR(st.st_mode)) throw IoError(EISDIR, "open", path_);
-  return static_cast<std::uint64_t>(st.st_size);
 }
 
 void read_exact(int fd, const std::string& path, void* dst, std::uint64_t n, std::uint64_t offset) {

@@ -22,7 +22,6 @@ void read_exact(int fd, const std::string& path, void* dst, std::uint64_t n, std
 class PosixFile {
  public:
   PosixFile() = default;
-  PosixFile(const std::string& path, int flags);
   ~PosixFile();
   PosixFile(PosixFile&& o) noexcept : fd_(o.fd_), path_(std::move(o.path_)) { o.fd_ = -1; }
   PosixFile& operator=(PosixFile&& o) noexcept;
@@ -42,7 +41,6 @@ class PosixFile {
   int fd() const noexcept { return fd_; }
   bool valid() const noexcept { return fd_ >= 0; }
   const std::string& path() const noexcept { return path_; }
-  std::uint64_t size() const;
   void read_exact(void* dst, std::uint64_t n, std::uint64_t offset) const {
     detail::read_exact(fd_, path_, dst, n, offset);
   }
