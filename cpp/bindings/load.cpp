@@ -3,11 +3,14 @@
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
+#include <atomic>
+#include <functional>
 #include <optional>
 
 #include "bindings.hpp"
 #include "fst/file_handle.hpp"
 #include "fst/errors.hpp"
+#include "fst/read_into.hpp"
 #include "fst/thread_pool.hpp"
 
 namespace fst::bindings {
@@ -24,6 +27,36 @@ ReadOptions read_options(const std::string& backend, unsigned threads, std::uint
 }
 
 namespace {
+
+// What a wait with the GIL released calls every 100 ms: handles Ctrl-C and reports progress
+// (done, total) to a Python callable. A Python exception raised there cancels the work and is
+// rethrown as itself once the workers are idle.
+struct PythonTick {
+  py::object progress;
+  std::function<std::pair<std::uint64_t, std::uint64_t>()> counts;
+  std::optional<py::error_already_set> py_error;
+
+  bool operator()() {
+    py::gil_scoped_acquire gil;
+    if (PyErr_CheckSignals() != 0) {
+      py_error.emplace();
+      return false;
+    }
+    if (!progress.is_none()) {
+      try {
+        auto [done, total] = counts();
+        progress(done, total);
+      } catch (py::error_already_set& e) {
+        py_error.emplace(std::move(e));
+        return false;
+      }
+    }
+    return true;
+  }
+  void rethrow_python_error() {
+    if (py_error) throw *py_error;
+  }
+};
 
 struct PyLoaded {
   LoadedTensors loaded;
@@ -102,30 +135,14 @@ struct PyPending {
 
   PyLoaded wait(py::object progress) {
     if (!pending) throw Error("this load was already collected");
-    std::optional<py::error_already_set> py_error;
-    auto tick = [&]() -> bool {
-      py::gil_scoped_acquire gil;
-      if (PyErr_CheckSignals() != 0) {
-        py_error.emplace();
-        return false;
-      }
-      if (!progress.is_none()) {
-        try {
-          progress(pending->bytes_done(), pending->bytes_total());
-        } catch (py::error_already_set& e) {
-          py_error.emplace(std::move(e));
-          return false;
-        }
-      }
-      return true;
-    };
+    PythonTick tick{progress, [this] { return std::make_pair(pending->bytes_done(), pending->bytes_total()); }};
     LoadedTensors loaded;
     try {
       py::gil_scoped_release release;
-      loaded = pending->wait(tick);
+      loaded = pending->wait(std::ref(tick));
     } catch (...) {
       pending.reset();
-      if (py_error) throw *py_error;
+      tick.rethrow_python_error();
       throw;
     }
     pending.reset();
@@ -211,6 +228,45 @@ void register_starts(py::module_& m) {
          py::arg("bundled_library") = "", py::arg("merge_gap") = 1u << 20, py::arg("gds_device") = nullptr);
 }
 
+// Checkpoint.read_into: byte ranges straight into memory the caller owns (fst.torch.load_into,
+// fst.dcp). `reads` is an (n, 4) uint64 array of rows (file, absolute offset, length,
+// destination address): one array, so that 250,000 ranges cross the boundary without a
+// Python object each. The caller keeps every destination alive and unused until it returns.
+void register_read_into(py::module_& m) {
+  py::class_<PyCheckpoint> checkpoint = m.attr("Checkpoint");
+  checkpoint.def("read_into", [](const PyCheckpoint& c, py::array_t<std::uint64_t, py::array::c_style> reads,
+                                 unsigned threads, std::uint64_t max_request, py::object progress) {
+    if (reads.ndim() != 2 || reads.shape(1) != 4)
+      throw py::value_error("read_into takes an (n, 4) array of (file, offset, length, address) rows");
+    std::vector<CallerRead> ranges(static_cast<std::size_t>(reads.shape(0)));
+    std::uint64_t total = 0;
+    auto rows = reads.unchecked<2>();
+    for (std::size_t i = 0; i < ranges.size(); ++i) {
+      const auto r = static_cast<py::ssize_t>(i);
+      if (rows(r, 0) > UINT32_MAX) throw py::value_error("read_into: file index out of range");
+      ranges[i] = CallerRead{static_cast<std::uint32_t>(rows(r, 0)), rows(r, 1), rows(r, 2),
+                             reinterpret_cast<std::byte*>(static_cast<std::uintptr_t>(rows(r, 3)))};
+      total += ranges[i].length;
+    }
+    ReadIntoOptions opt;
+    opt.threads = threads;
+    opt.max_request = max_request;
+    std::atomic<std::uint64_t> done{0};
+    PythonTick tick{progress, [&] { return std::make_pair(done.load(std::memory_order_relaxed), total); }};
+    std::uint64_t read = 0;
+    try {
+      py::gil_scoped_release release;
+      read = read_into(*c.ckpt, ranges, opt, &done, std::ref(tick));
+    } catch (...) {
+      tick.rethrow_python_error();
+      throw;
+    }
+    if (!progress.is_none()) progress(read, total);
+    return read;
+  }, py::arg("reads"), py::arg("threads") = 0, py::arg("max_request") = ReadIntoOptions{}.max_request,
+     py::arg("progress") = py::none());
+}
+
 }  // namespace
 
 void register_load(py::module_& m) {
@@ -222,6 +278,7 @@ void register_load(py::module_& m) {
   });
   register_results(m);
   register_starts(m);
+  register_read_into(m);
 }
 
 }  // namespace fst::bindings
