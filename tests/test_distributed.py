@@ -281,6 +281,7 @@ def test_failures_raise_on_every_rank(tmp_path, checkpoint):
         # case: (rank 0's exception, rank 1's exception)
         "truncated on rank 1": ("DistributedLoadError", "HeaderError"),
         "truncated on rank 1, dtype=": ("DistributedLoadError", "HeaderError"),
+        "conversion refused": ("UnsupportedError", "UnsupportedError"),
         "truncated everywhere": ("HeaderError", "HeaderError"),
         "missing key": ("KeyError", "KeyError"),
         "bad shard rule": ("ValueError", "ValueError"),
@@ -404,6 +405,17 @@ def _case(results, name, got, stats, ref, dims, ws, rank, names):
     results["ok"] += 1
 
 
+def _parsing_each_header_once(folder, load):
+    """load() after checking that it reads each header of `folder` exactly once."""
+    from fst._core import _testing
+
+    before = _testing.headers_read()
+    got = load()
+    parsed, files = _testing.headers_read() - before, len(list(Path(folder).glob("*.safetensors")))
+    assert parsed == files, f"{parsed} headers read for {files} files"
+    return got
+
+
 def _status_bytes(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -482,7 +494,9 @@ def _scenario_main(rank, ws, tmp, results):
 
     # dtype=: shards converted after delivery, bit for bit what tensor.to() gives.
     converting = ["embed.weight", "big.col", "layers.1.f8", "layers.1.mlp.gate", "bias"]
-    got = fst.load(folder, framework="torch", keys=converting, shard=SHARD, dtype={"layers.1.f8": "bf16", "*": "f32"})  # first match wins
+    # One parse: the planner looks the conversions up in the checkpoint it opened.
+    got = _parsing_each_header_once(folder, lambda: fst.load(
+        folder, framework="torch", keys=converting, shard=SHARD, dtype={"layers.1.f8": "bf16", "*": "f32"}))  # first match wins
     want = {n: ref[n].to(torch.bfloat16 if n == "layers.1.f8" else torch.float32) for n in converting}
     names = [n for n in order if n in converting]
     _case(results, "dtype= on shards", got, fst.last_load_stats(), want, dims, ws, rank, names)
@@ -551,7 +565,8 @@ def _scenario_local(rank, ws, tmp, results):
     expected += 1
 
     converting = ["embed.weight", "big.col", "layers.1.f8", "bias"]
-    got = fst.load(folder, framework="torch", keys=converting, shard=SHARD, dtype="f32")
+    got = _parsing_each_header_once(folder, lambda: fst.load(folder, framework="torch", keys=converting, shard=SHARD,
+                                                             dtype="f32"))
     want = {n: ref[n].to(torch.float32) for n in converting}
     _case(results, "dtype= on shards", got, fst.last_load_stats(), want, shard_dim, ws, rank,
           [n for n in order if n in converting])
@@ -600,7 +615,11 @@ def _scenario_errors(rank, ws, tmp, results):
     _expect_failure(results, "truncated on rank 1",
                     lambda: fst.load(bad if rank == 1 else good, framework="torch", shard=SHARD))
     _expect_failure(results, "truncated on rank 1, dtype=",
-                    lambda: fst.load(bad if rank == 1 else good, framework="torch", shard=SHARD, dtype="f32"))
+                    lambda: fst.load(bad if rank == 1 else good, framework="torch", shard=SHARD,
+                                     dtype={"embed.weight": "f32"}))
+    # A rule that refuses a tensor (F4 has no conversion) is found while the ranks plan.
+    _expect_failure(results, "conversion refused",
+                    lambda: fst.load(good, framework="torch", shard=SHARD, dtype="f32"))
     _expect_failure(results, "truncated everywhere", lambda: fst.load(bad, framework="torch", shard=SHARD))
     _expect_failure(results, "missing key", lambda: fst.load(good, framework="torch", keys=["nope"], shard=SHARD))
     _expect_failure(results, "bad shard rule", lambda: fst.load(good, framework="torch", shard={"step": 0}))

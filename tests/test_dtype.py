@@ -190,9 +190,15 @@ def test_dtype_with_sharded_jax_loads(floats):
     mesh = jax.make_mesh((1,), ("x",))
     sharding = {"*": jax.sharding.PartitionSpec("x")}
     ref = fst.load(floats, framework="torch", keys=["BF16", "F16", "ints"])
+    from fst._core import _testing
+
+    before = _testing.headers_read()
     got = fst.load(floats, framework="jax", mesh=mesh, sharding=sharding, dtype="f32", keys=["BF16", "F16", "ints"])
+    assert _testing.headers_read() - before == 1, "the sharded load parsed its one header more than once"
+    before = _testing.headers_read()
     streamed = dict(fst.iter_tensors(floats, framework="jax", mesh=mesh, sharding=sharding, dtype="f32",
                                      keys=["BF16", "F16", "ints"]))
+    assert _testing.headers_read() - before == 1, "the sharded stream parsed its one header more than once"
     for out in (got, streamed):
         for name, arr in out.items():
             want = ref[name].to(torch.float32) if ref[name].is_floating_point() else ref[name]

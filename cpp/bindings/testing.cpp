@@ -1,6 +1,7 @@
 // fst._core._testing: hooks for the test suite, kept out of the signatures fst itself calls.
 // Not part of fst's API.
 #include "bindings.hpp"
+#include "fst/header.hpp"
 
 namespace fst::bindings {
 
@@ -17,6 +18,8 @@ void register_testing(py::module_& m) {
     return make_host_sink(alignment, copy_delay_us, converts, fail_wait);
   }, py::kw_only(), py::arg("alignment") = 256, py::arg("copy_delay_us") = 0, py::arg("converts") = true,
      py::arg("fail_wait") = 0);
+  // Headers read (files opened and parsed) by this process so far.
+  t.def("headers_read", &headers_read);
 }
 
 }  // namespace fst::bindings

@@ -1,6 +1,7 @@
 #include "fst/header.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstring>
 #include <numeric>
@@ -352,7 +353,14 @@ FileHeader parse_header(std::string path, std::string_view json, std::uint64_t f
   return h;
 }
 
+namespace {
+std::atomic<std::uint64_t> headers_read_count{0};
+}
+
+std::uint64_t headers_read() noexcept { return headers_read_count.load(std::memory_order_relaxed); }
+
 FileHeader read_header(const std::string& path) {
+  headers_read_count.fetch_add(1, std::memory_order_relaxed);
   auto file = FileHandle::open(path);
   const std::uint64_t size = file->identity().size;
   if (size < 8)

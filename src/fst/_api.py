@@ -6,7 +6,7 @@ from typing import Any, Iterator, Optional
 
 from . import _settings
 from ._dtypes import dtype_rules
-from ._loading import Keys, key_patterns, open_checkpoint, record_stats, start_load
+from ._loading import Keys, Planner, key_patterns, open_checkpoint, record_stats, start_load
 from ._paths import PathArg
 from ._progress import Progress, make_progress
 from .adapters import get_adapter
@@ -18,17 +18,7 @@ def _torch_distributed_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _casts(path: PathArg, keys: Optional[list[str]], dtype: Any, threads: int) -> dict[str, str]:
-    """Name -> dtype for the tensors `dtype=` converts, for loads whose planner delivers the
-    file's dtypes: the framework converts those after delivery (elementwise, so the same on a
-    shard as on the whole tensor)."""
-    if dtype is None:
-        return {}
-    selection = open_checkpoint(path, threads).select(keys)
-    return dict(selection.with_dtypes(*dtype_rules(dtype)).conversions())
-
-
-def _distributed_or_sharded(adapter, process_group, shard, sharding, mesh, replicate_rest):
+def _distributed_or_sharded(adapter, process_group, shard, sharding, mesh, replicate_rest) -> Optional[Planner]:
     """The planner for a multi-rank torch load or a sharded JAX load, or None for a plain load."""
     planner = None
     if sharding is not None or mesh is not None or replicate_rest:
@@ -92,15 +82,8 @@ def load(
     adapter.check_device(device)
     planner = _distributed_or_sharded(adapter, process_group, shard, sharding, mesh, replicate_rest)
     if planner is not None:
-        out = planner.load(path, device=device, keys=patterns, backend=backend, threads=threads,
-                           progress=progress)
-        # After the load, whose planning every rank agreed on: a bad file raises on every rank
-        # there, where parsing it here first would raise on one rank and leave the others waiting.
-        casts = _casts(path, patterns, dtype, threads)
-        for name, target in casts.items():
-            if name in out:
-                out[name] = adapter.cast(out[name], target)
-        return out
+        return planner.load(path, device=device, keys=patterns, backend=backend, threads=threads,
+                            progress=progress, dtype=dtype)
     ckpt = open_checkpoint(path, threads)
     selection = ckpt.select(patterns).with_dtypes(*dtype_rules(dtype), mode=adapter.conversion_mode)
     pending = start_load(adapter, selection, device, backend, threads)
@@ -143,12 +126,8 @@ def iter_tensors(
     adapter.check_device(device)
     planner = _distributed_or_sharded(adapter, process_group, shard, sharding, mesh, replicate_rest)
     if planner is not None:
-        stream = planner.iter_tensors(path, device=device, keys=patterns, backend=backend, threads=threads,
-                                      progress=progress, budget=budget)
-        casts = _casts(path, patterns, dtype, threads)  # after the ranks agreed (see load)
-        if not casts:
-            return stream
-        return ((name, adapter.cast(t, casts[name]) if name in casts else t) for name, t in stream)
+        return planner.iter_tensors(path, device=device, keys=patterns, backend=backend, threads=threads,
+                                    progress=progress, budget=budget, dtype=dtype)
     ckpt = open_checkpoint(path, threads)
     selection = ckpt.select(patterns).with_dtypes(*dtype_rules(dtype), mode=adapter.conversion_mode)
     groups = selection.split(budget)

@@ -8,9 +8,10 @@ the adapters, the runtime probes, the settings and path resolution.
 from __future__ import annotations
 
 import threading
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Iterable, Iterator, Optional, Protocol, Union
 
 from . import _core, _runtime, _settings
+from ._dtypes import dtype_rules
 from ._paths import PathArg, resolve_checkpoint
 from .adapters import Adapter
 from .errors import CudaError, UnsupportedError
@@ -36,6 +37,35 @@ def key_patterns(keys: Keys) -> Optional[list[str]]:
         bad = next(p for p in patterns if not isinstance(p, str))
         raise TypeError(f"keys must hold tensor names or glob patterns (str), not {type(bad).__name__} {bad!r}")
     return patterns
+
+
+class Planner(Protocol):
+    """A load across ranks (fst.distributed) or devices (fst.jax) that fst.load and
+    fst.iter_tensors hand over to, with their arguments checked. A planner opens the checkpoint
+    once and applies `dtype` itself: it decides the conversions where its ranks agree on the
+    plan, so that a bad file or rule raises on every rank, not on one while the others wait."""
+
+    def load(self, path: PathArg, *, device: Any, keys: Optional[list[str]], backend: str, threads: int,
+             progress: Any, dtype: Any) -> dict[str, Any]: ...
+
+    def iter_tensors(self, path: PathArg, *, device: Any, keys: Optional[list[str]], backend: str, threads: int,
+                     progress: Any, budget: int, dtype: Any) -> Iterator[tuple[str, Any]]: ...
+
+
+def conversions(selection: _core.Selection, dtype: Any) -> dict[str, str]:
+    """Name -> target dtype for the tensors of `selection` that `dtype=` converts (the rules
+    checked against each tensor: a float never becomes an integer)."""
+    if dtype is None:
+        return {}
+    return dict(selection.with_dtypes(*dtype_rules(dtype)).conversions())
+
+
+def cast_stream(stream: Iterator[tuple[str, Any]], casts: dict[str, str], cast: Any) -> Iterator[tuple[str, Any]]:
+    """`stream` with the tensors named in `casts` converted by `cast(tensor, target)` (a
+    framework's elementwise cast: the same on a shard as on the whole tensor)."""
+    if not casts:
+        return stream
+    return ((name, cast(t, casts[name]) if name in casts else t) for name, t in stream)
 
 
 def open_checkpoint(path: PathArg, threads: Optional[int] = None) -> _core.Checkpoint:

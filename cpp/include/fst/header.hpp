@@ -50,4 +50,8 @@ FileHeader parse_header(std::string path, std::string_view json, std::uint64_t f
 // Throws HeaderError or IoError.
 FileHeader read_header(const std::string& path);
 
+// Headers read_header has read in this process: what the tests count to prove that a load
+// parses each header once.
+std::uint64_t headers_read() noexcept;
+
 }  // namespace fst

@@ -7,7 +7,8 @@ import hashlib
 from typing import Any, Iterator, Optional
 
 from .. import _settings
-from .._loading import open_checkpoint
+from .._loading import cast_stream, conversions, open_checkpoint
+from ..adapters import get_adapter
 from ..errors import UnsupportedError
 from .agreement import Agreement, locality
 from .assembly import TensorAssembler, torch_element_size
@@ -46,15 +47,15 @@ class DistributedLoad:
             raise ValueError("this process is not a member of process_group")
 
     def load(self, path: Any, *, device: Any = "cpu", keys: Optional[list] = None, backend: str = "auto",
-             threads: int = 0, progress: bool = False, budget: Optional[int] = None) -> dict:
+             threads: int = 0, progress: bool = False, budget: Optional[int] = None, dtype: Any = None) -> dict:
         budget = _settings.staging_budget(budget)
-        run = RankLoad(self, path, device, keys, backend, threads, progress, budget)
+        run = RankLoad(self, path, device, keys, backend, threads, progress, budget, dtype)
         return dict(run.tensors())
 
     def iter_tensors(self, path: Any, *, device: Any = "cpu", keys: Optional[list] = None,
                      backend: str = "auto", threads: int = 0, progress: bool = False,
-                     budget: int = _settings.DEFAULT_STAGING_BUDGET) -> Iterator[tuple[str, Any]]:
-        run = RankLoad(self, path, device, keys, backend, threads, progress, budget)
+                     budget: int = _settings.DEFAULT_STAGING_BUDGET, dtype: Any = None) -> Iterator[tuple[str, Any]]:
+        run = RankLoad(self, path, device, keys, backend, threads, progress, budget, dtype)
         return run.tensors()
 
 
@@ -89,7 +90,7 @@ class RankLoad:
     """One rank's load: the plan agreed by every rank (in the constructor), then the strategy
     the ranks qualify for (`strategy`), whose tensors() runs the data phase."""
 
-    def __init__(self, owner: DistributedLoad, path, device, keys, backend, threads, progress, budget):
+    def __init__(self, owner: DistributedLoad, path, device, keys, backend, threads, progress, budget, dtype=None):
         import torch
         import torch.distributed as dist
 
@@ -104,17 +105,19 @@ class RankLoad:
         self.agreement = Agreement(dist, torch, group, ws, me, records, stats)
 
         error, plan, ckpt, entries, place = None, None, None, [], b""
+        self.casts: dict[str, str] = {}
         target = torch.device("cpu")
         try:
             strategy = _settings.distributed_strategy()
             target, comm_device = _devices(torch, device, group_backend)
             ckpt = open_checkpoint(path, threads)
             entries = [HeaderEntry(*e) for e in ckpt.entries()]
-            if keys is None:
-                ckpt.check_complete()
-            else:
-                chosen = set(ckpt.select(keys).names())
+            selection = ckpt.select(keys)  # None: every tensor, checked present
+            if keys is not None:
+                chosen = set(selection.names())
                 entries = [e for e in entries if e.name in chosen]
+            # Inside the agreement: a rule that refuses a tensor raises on every rank.
+            self.casts = conversions(selection, dtype)
             plan = make_plan(entries, owner.rules, ws, budget, torch_element_size(torch))
             place = locality(ckpt)
         except Exception as exc:  # reported to every rank before raising
@@ -144,5 +147,6 @@ class RankLoad:
         stats["seconds_plan"] = now() - started
 
     def tensors(self) -> Iterator[tuple[str, Any]]:
-        """Yield (name, tensor) in file order; every rank must run to the end."""
-        return self.strategy.tensors()
+        """Yield (name, tensor) in file order, converted as `dtype=` asks (torch's .to());
+        every rank must run to the end."""
+        return cast_stream(self.strategy.tensors(), self.casts, get_adapter("torch").cast)

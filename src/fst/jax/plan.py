@@ -128,7 +128,7 @@ def _charge(blocks: list[Block], reads: list[tuple[int, int]], row_bytes: int, t
     return charge
 
 
-class Planner:
+class BlockPlanner:
     """Plans tensors for one process: its rules, its default device, and the block maps of
     the shardings seen so far (a model repeats few (sharding, shape) pairs)."""
 

@@ -12,23 +12,22 @@ from typing import Any, Iterator, Optional
 import jax
 
 from .. import _settings
-from .._loading import open_checkpoint, record_stats
+from .._loading import cast_stream, conversions, open_checkpoint, record_stats
 from .._paths import PathArg
 from .._progress import make_progress
-from ..adapters.jax import jax_device
+from ..adapters.jax import ADAPTER, jax_device
 from .assembly import Assembler
-from .plan import Planner, TensorPlan, full_bytes, group_by_budget
+from .plan import BlockPlanner, TensorPlan, full_bytes, group_by_budget
 from .reads import RowReads
 from .rules import ShardingRules
 from .stats import LoadStats
 
 
-def selected_names(ckpt: Any, keys: Optional[list]) -> Optional[set]:
-    """The names `keys` selects, or None for every tensor (checked present first)."""
-    if keys is None:
-        ckpt.check_complete()  # every tensor, the index's missing ones included
-        return None
-    return set(ckpt.select(keys).names())
+def selected(ckpt: Any, keys: Optional[list], dtype: Any) -> tuple[Optional[set], dict[str, str]]:
+    """The names `keys` selects (None for every tensor, which select() checks are all present,
+    the index's missing ones included), and the conversions `dtype=` asks of them."""
+    selection = ckpt.select(keys)
+    return (None if keys is None else set(selection.names())), conversions(selection, dtype)
 
 
 class ShardedLoad:
@@ -38,15 +37,18 @@ class ShardedLoad:
         self.rules = ShardingRules(sharding, mesh, replicate_rest)
 
     def _plans(self, ckpt: Any, names: Optional[set], device: Any) -> list[TensorPlan]:
-        return Planner(self.rules, jax_device(device)).plan_checkpoint(ckpt, names)
+        return BlockPlanner(self.rules, jax_device(device)).plan_checkpoint(ckpt, names)
 
     def load(self, path: PathArg, *, device: Any = None, keys: Optional[list] = None, backend: Optional[str] = None,
-             threads: Optional[int] = None, progress: bool = False) -> dict[str, jax.Array]:
-        """name -> jax.Array, in file order (see docs/jax.md)."""
+             threads: Optional[int] = None, progress: bool = False, dtype: Any = None) -> dict[str, jax.Array]:
+        """name -> jax.Array, in file order (see docs/jax.md); `dtype=` as fst.load's,
+        converted by jnp's astype, which keeps each array's sharding."""
         t0 = time.perf_counter()
         backend, threads = _settings.backend(backend), _settings.threads(threads)
         ckpt = open_checkpoint(path, threads)
-        return self.load_opened(ckpt, selected_names(ckpt, keys), device, backend, threads, progress, t0)
+        names, casts = selected(ckpt, keys, dtype)
+        out = self.load_opened(ckpt, names, device, backend, threads, progress, t0)
+        return dict(cast_stream(iter(out.items()), casts, ADAPTER.cast))
 
     def load_opened(self, ckpt: Any, names: Optional[set], device: Any, backend: str, threads: int,
                     progress: bool, t0: float) -> dict[str, jax.Array]:
@@ -67,15 +69,17 @@ class ShardedLoad:
 
     def iter_tensors(self, path: PathArg, *, device: Any = None, keys: Optional[list] = None,
                      backend: Optional[str] = None, threads: Optional[int] = None, progress: bool = False,
-                     budget: Optional[int] = None) -> Iterator[tuple[str, jax.Array]]:
+                     budget: Optional[int] = None, dtype: Any = None) -> Iterator[tuple[str, jax.Array]]:
         """Yield (name, jax.Array) in file order, reading groups of at most `budget` bytes
         (this process's share; a tensor whose share is larger is a group of its own), the
         next group while the caller holds the current one."""
         backend, threads = _settings.backend(backend), _settings.threads(threads)
         budget = _settings.staging_budget(budget)
         ckpt = open_checkpoint(path, threads)
-        plans = self._plans(ckpt, selected_names(ckpt, keys), device)
-        return self._stream(ckpt, plans, group_by_budget(plans, budget), backend, threads, progress)
+        names, casts = selected(ckpt, keys, dtype)
+        plans = self._plans(ckpt, names, device)
+        stream = self._stream(ckpt, plans, group_by_budget(plans, budget), backend, threads, progress)
+        return cast_stream(stream, casts, ADAPTER.cast)
 
     def _stream(self, ckpt: Any, plans: list[TensorPlan], groups: list[list[TensorPlan]], backend: str,
                 threads: int, progress: bool) -> Iterator[tuple[str, jax.Array]]:
