@@ -181,7 +181,7 @@ void register_starts(py::module_& m) {
         opt.convert_mode = s.mode;
         PyPending p{nullptr, s.ckpt, {}};
         py::gil_scoped_release release;
-        p.pending = std::make_unique<PendingLoad>(s.ckpt, s.picks, opt, s.targets);
+        p.pending = std::make_unique<HostLoad>(s.ckpt, s.picks, opt, s.targets);
         return p;
       }, py::arg("backend") = "auto", py::arg("threads") = 0, py::arg("alignment") = 64,
          py::arg("view_alignment") = 0, py::arg("allow_views") = true)

@@ -118,24 +118,15 @@ GdsLoad::GdsLoad(std::shared_ptr<const Checkpoint> ckpt, std::vector<Pick> selec
     : ckpt_(std::move(ckpt)), opt_(options), device_(std::move(device)) {
   started_ = detail::now_seconds();
   const auto& headers = ckpt_->files();
-  result_.selection = std::move(selection);
+  const std::vector<bool> used = begin_load(*ckpt_, std::move(selection), result_);
   const auto& sel = result_.selection;
   LoadStats& st = result_.stats;
   st.backend = Backend::Gds;
-  for (const Pick& p : sel) {
-    st.bytes += ckpt_->extent(p).nbytes;
-    result_.dtypes.push_back(ckpt_->entry(p.ref).dtype);
-  }
 
   // Every file is opened and registered before any memory is allocated: a file GDS cannot
   // read ends the load here, cheaply (the automatic choice then falls back to staging).
-  std::vector<bool> opened(headers.size(), false);
-  for (const Pick& p : sel) {
-    if (opened[p.ref.file]) continue;
-    headers[p.ref.file].file->check_unchanged();
-    device_->open_file(p.ref.file, headers[p.ref.file].file);
-    opened[p.ref.file] = true;
-  }
+  for (std::size_t f = 0; f < headers.size(); ++f)
+    if (used[f]) device_->open_file(static_cast<std::uint32_t>(f), headers[f].file);
 
   plan_ = plan_gds(*ckpt_, sel, targets, opt_);
   result_.device = device_->device();

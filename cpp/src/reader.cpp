@@ -52,23 +52,6 @@ void read_scattered(int fd, const std::string& path, const ReadRequest& req, con
 
 }  // namespace
 
-const char* backend_name(Backend b) noexcept {
-  switch (b) {
-    case Backend::Auto: return "auto";
-    case Backend::Pread: return "pread";
-    case Backend::Direct: return "direct";
-    case Backend::Mmap: return "mmap";
-    case Backend::Gds: return "gds";
-  }
-  return "?";
-}
-
-Backend backend_from_name(const std::string& name) {
-  for (Backend b : {Backend::Auto, Backend::Pread, Backend::Direct, Backend::Mmap, Backend::Gds})
-    if (name == backend_name(b)) return b;
-  throw std::invalid_argument("unknown backend '" + name + "' (expected auto, pread, direct, mmap or gds)");
-}
-
 namespace {
 
 // cachestat(2) (Linux 6.5): counts cached pages of a file range from the page cache itself,
@@ -157,32 +140,19 @@ bool direct_io_supported(const std::string& path, int& err) {
   return f.valid();
 }
 
-struct PendingLoad::Files {
+struct HostLoad::Files {
   std::vector<detail::PosixFile> direct;                // O_DIRECT descriptors, direct backend only
   std::vector<std::unique_ptr<HostArena>> bounce;       // per worker, direct backend only
 };
 
-PendingLoad::PendingLoad(std::shared_ptr<const Checkpoint> ckpt, std::vector<Pick> selection,
+HostLoad::HostLoad(std::shared_ptr<const Checkpoint> ckpt, std::vector<Pick> selection,
                          const ReadOptions& options, std::vector<Dtype> targets)
     : ckpt_(std::move(ckpt)), opt_(options), targets_(std::move(targets)), files_(std::make_unique<Files>()) {
   started_ = detail::now_seconds();
-  const auto& headers = ckpt_->files();
+  const std::vector<bool> used = begin_load(*ckpt_, std::move(selection), result_);
   LoadStats& st = result_.stats;
-  result_.selection = std::move(selection);
-  const auto& sel = result_.selection;
-  for (const Pick& p : sel) {
-    st.bytes += ckpt_->extent(p).nbytes;
-    result_.dtypes.push_back(ckpt_->entry(p.ref).dtype);
-  }
-  result_.data.assign(sel.size(), nullptr);
-  result_.owner_of.assign(sel.size(), 0);
-
-  std::vector<bool> used(headers.size(), false);
-  for (const Pick& p : sel) used[p.ref.file] = true;
-  // Every read goes through the descriptors the headers were read from; a file rewritten or
-  // truncated in place since then is refused here, before anything is mapped or read.
-  for (std::size_t f = 0; f < headers.size(); ++f)
-    if (used[f]) headers[f].file->check_unchanged();
+  result_.data.assign(result_.selection.size(), nullptr);
+  result_.owner_of.assign(result_.selection.size(), 0);
 
   const HostBackendChoice choice = choose_host_backend(*ckpt_, used, opt_);
   st.backend = choice.backend;
@@ -200,12 +170,12 @@ PendingLoad::PendingLoad(std::shared_ptr<const Checkpoint> ckpt, std::vector<Pic
   }
 }
 
-PendingLoad::~PendingLoad() {
+HostLoad::~HostLoad() {
   // Tasks still queued or running use this object: stop them first (a no-op once finished).
   group_.stop();
 }
 
-void PendingLoad::start_views(bool read_ahead) {
+void HostLoad::start_views(bool read_ahead) {
   const auto& headers = ckpt_->files();
   const auto& sel = result_.selection;
   if (read_ahead) {
@@ -292,7 +262,7 @@ void PendingLoad::start_views(bool read_ahead) {
   }
 }
 
-void PendingLoad::start_reads(bool direct) {
+void HostLoad::start_reads(bool direct) {
   const auto& headers = ckpt_->files();
   const auto& sel = result_.selection;
   Placement placement = place(*ckpt_, sel, opt_.alignment);
@@ -361,7 +331,7 @@ void PendingLoad::start_reads(bool direct) {
   }
 }
 
-ThreadPool& PendingLoad::pool() {
+ThreadPool& HostLoad::pool() {
   if (!pool_) {
     pool_ = std::make_unique<ThreadPool>(opt_.threads);
     result_.stats.threads = pool_->size();
@@ -369,14 +339,14 @@ ThreadPool& PendingLoad::pool() {
   return *pool_;
 }
 
-void PendingLoad::populate_for(const ReadRequest& req) const {
+void HostLoad::populate_for(const ReadRequest& req) const {
   if (req.piece_count == 0) return;
   const Piece& first = plan_.pieces[req.first_piece];
   const Piece& last = plan_.pieces[req.first_piece + req.piece_count - 1];
   arena_->populate(first.arena_offset, last.arena_offset + last.length - first.arena_offset);
 }
 
-LoadedTensors PendingLoad::wait(const std::function<bool()>& tick, int tick_ms) {
+LoadedTensors HostLoad::wait(const std::function<bool()>& tick, int tick_ms) {
   group_.drive(tick, tick_ms);
   if (!targets_.empty()) convert_loaded(result_, *ckpt_, targets_, pool(), opt_.alignment, opt_.convert_mode);
   pool_.reset();

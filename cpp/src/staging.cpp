@@ -315,14 +315,10 @@ StagedLoad::StagedLoad(std::shared_ptr<const Checkpoint> ckpt, std::vector<Pick>
   const StagingShape shape = staging_shape(opt_);
   sink_->pool().set_budget(opt_.budget);
   const auto& headers = ckpt_->files();
-  result_.selection = std::move(selection);
+  begin_load(*ckpt_, std::move(selection), result_);
   const auto& sel = result_.selection;
   LoadStats& st = result_.stats;
   st.backend = opt_.backend;
-  for (const Pick& p : sel) {
-    st.bytes += ckpt_->extent(p).nbytes;
-    result_.dtypes.push_back(ckpt_->entry(p.ref).dtype);
-  }
   if (!targets.empty() && sink_->converts()) {
     targets_ = targets;  // converted on the device, from scratch memory into the slots
   } else {
@@ -337,7 +333,6 @@ StagedLoad::StagedLoad(std::shared_ptr<const Checkpoint> ckpt, std::vector<Pick>
     auto& f = files_->files[p.ref.file];
     if (f.valid()) continue;
     // Reopened from the descriptor the header was read from, never from the path.
-    headers[p.ref.file].file->check_unchanged();
     int err = 0;
     f = detail::PosixFile::try_reopen(*headers[p.ref.file].file, flags, err);
     if (!f.valid()) {

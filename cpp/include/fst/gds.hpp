@@ -16,9 +16,10 @@
 #include <vector>
 
 #include "fst/buffer.hpp"
+#include "fst/convert.hpp"
 #include "fst/file_handle.hpp"
+#include "fst/load.hpp"
 #include "fst/plan.hpp"
-#include "fst/reader.hpp"
 #include "fst/thread_pool.hpp"
 
 namespace fst {

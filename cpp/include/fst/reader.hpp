@@ -11,18 +11,15 @@
 
 #include "fst/buffer.hpp"
 #include "fst/convert.hpp"
-#include "fst/export.hpp"
+#include "fst/load.hpp"
 #include "fst/plan.hpp"
 #include "fst/thread_pool.hpp"
 
 namespace fst {
 
-enum class Backend { Auto, Pread, Direct, Mmap, Gds };
-const char* backend_name(Backend b) noexcept;
 // Why a host load refuses Backend::Gds (it reads into GPU memory only).
 inline constexpr const char* kGdsNeedsGpu =
     "backend 'gds' (GPU Direct Storage) reads into GPU memory; host targets use auto, pread, direct or mmap";
-Backend backend_from_name(const std::string& name);  // throws std::invalid_argument
 
 struct ReadOptions {
   Backend backend = Backend::Auto;
@@ -35,50 +32,15 @@ struct ReadOptions {
   ConvertMode convert_mode = ConvertMode::kTorch;  // whose rules dtype= conversions follow
 };
 
-struct LoadStats {
-  Backend backend = Backend::Auto;
-  std::string reason;
-  std::uint64_t bytes = 0;      // tensor bytes delivered
-  std::uint64_t bytes_read = 0; // bytes read from files (0 for zero-copy views)
-  std::uint64_t requests = 0;
-  double resident = -1;         // share of the bytes in the page cache (-1: not measured)
-  double seconds = 0;
-  unsigned threads = 0;
-};
-
-// Tensors of one load: data[i] is where selection[i] lives, kept alive by owners[owner_of[i]].
-struct LoadedTensors {
-  std::vector<Pick> selection;
-  std::vector<std::byte*> data;
-  std::vector<std::uint32_t> owner_of;
-  std::vector<std::shared_ptr<Buffer>> owners;
-  std::vector<Dtype> dtypes;  // each tensor's dtype as delivered (after any conversion)
-  // Conversions left to the framework (device loads): tensor index and dtype wanted.
-  std::vector<std::pair<std::uint32_t, Dtype>> casts;
-  ExportDevice device;        // where data[] points: host memory unless a device load
-  LoadStats stats;
-};
-
-// A load in flight (host or device). wait() drives it to the end on the calling thread:
-// it calls `tick` every `tick_ms` meanwhile; `tick` returns false to cancel (the load then
-// stops early and wait() throws after the workers are idle). wait() throws the first error.
-class AsyncLoad {
- public:
-  virtual ~AsyncLoad() = default;
-  virtual LoadedTensors wait(const std::function<bool()>& tick, int tick_ms = 100) = 0;
-  virtual std::uint64_t bytes_done() const noexcept = 0;
-  virtual std::uint64_t bytes_total() const noexcept = 0;
-};
-
-// A load into host memory through one of the CPU backends.
-class PendingLoad final : public AsyncLoad {
+// A load into host memory through one of the CPU backends (the siblings: StagedLoad, GdsLoad).
+class HostLoad final : public AsyncLoad {
  public:
   // `targets` (empty: none) gives each pick the dtype to convert it to after reading.
-  PendingLoad(std::shared_ptr<const Checkpoint> ckpt, std::vector<Pick> selection,
-              const ReadOptions& options, std::vector<Dtype> targets = {});
-  ~PendingLoad();
-  PendingLoad(const PendingLoad&) = delete;
-  PendingLoad& operator=(const PendingLoad&) = delete;
+  HostLoad(std::shared_ptr<const Checkpoint> ckpt, std::vector<Pick> selection,
+           const ReadOptions& options, std::vector<Dtype> targets = {});
+  ~HostLoad();
+  HostLoad(const HostLoad&) = delete;
+  HostLoad& operator=(const HostLoad&) = delete;
 
   LoadedTensors wait(const std::function<bool()>& tick, int tick_ms = 100) override;
   std::uint64_t bytes_done() const noexcept override { return done_.load(std::memory_order_relaxed); }

@@ -15,8 +15,9 @@
 #include <vector>
 
 #include "fst/buffer.hpp"
+#include "fst/convert.hpp"
+#include "fst/load.hpp"
 #include "fst/plan.hpp"
-#include "fst/reader.hpp"
 #include "fst/thread_pool.hpp"
 
 namespace fst {
