@@ -115,6 +115,9 @@ void register_dtypes(py::module_& m) {
     if (!d) throw py::value_error("unknown dtype '" + name + "'");
     return dtype_bits(*d);
   });
+  m.def("group_starts", &group_starts, py::arg("sizes"), py::arg("budget"),
+        "Index of the first item of each group of consecutive items whose sizes add up to at most\n"
+        "`budget` (an item larger than the budget is a group of its own): Selection.split's rule.");
 }
 
 void register_selection(py::module_& m) {
@@ -124,18 +127,8 @@ void register_selection(py::module_& m) {
       .def("with_dtypes", [](const PySelection& s, const std::optional<std::string>& floating_default,
                              const std::vector<std::pair<std::string, std::string>>& rules,
                              const std::string& mode) {
-        DtypeRules r = make_rules(floating_default, rules);
-        PySelection out{s.ckpt, s.picks, {}, parse_mode(mode)};
-        if (r.empty()) return out;
-        bool any = false;
-        out.targets.reserve(s.picks.size());
-        for (const Pick& p : s.picks) {
-          const TensorEntry& e = s.ckpt->entry(p.ref);
-          out.targets.push_back(r.target_for(e));
-          any = any || out.targets.back() != e.dtype;
-        }
-        if (!any) out.targets.clear();
-        return out;
+        return PySelection{s.ckpt, s.picks, target_dtypes(*s.ckpt, s.picks, make_rules(floating_default, rules)),
+                           parse_mode(mode)};
       }, py::arg("floating_default"), py::arg("rules"), py::arg("mode") = "torch")
       .def_property_readonly("nbytes", &PySelection::nbytes)
       .def("conversions", [](const PySelection& s) {
@@ -153,17 +146,16 @@ void register_selection(py::module_& m) {
       })
       .def("split", [](const PySelection& s, std::uint64_t budget) {
         // Consecutive groups of at most `budget` bytes (a larger tensor gets a group alone).
+        std::vector<std::uint64_t> sizes;
+        sizes.reserve(s.picks.size());
+        for (const Pick& p : s.picks) sizes.push_back(s.ckpt->extent(p).nbytes);
+        const std::vector<std::size_t> starts = group_starts(sizes, budget);
         std::vector<PySelection> groups;
-        std::uint64_t bytes = 0;
-        for (std::size_t i = 0; i < s.picks.size(); ++i) {
-          std::uint64_t n = s.ckpt->extent(s.picks[i]).nbytes;
-          if (groups.empty() || (bytes + n > budget && !groups.back().picks.empty())) {
-            groups.push_back(PySelection{s.ckpt, {}, {}, s.mode});
-            bytes = 0;
-          }
-          groups.back().picks.push_back(s.picks[i]);
-          if (!s.targets.empty()) groups.back().targets.push_back(s.targets[i]);
-          bytes += n;
+        for (std::size_t g = 0; g < starts.size(); ++g) {
+          const std::size_t first = starts[g], last = g + 1 < starts.size() ? starts[g + 1] : s.picks.size();
+          PySelection group{s.ckpt, {s.picks.begin() + first, s.picks.begin() + last}, {}, s.mode};
+          if (!s.targets.empty()) group.targets.assign(s.targets.begin() + first, s.targets.begin() + last);
+          groups.push_back(std::move(group));
         }
         return groups;
       }, py::arg("budget"))

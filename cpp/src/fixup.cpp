@@ -109,4 +109,18 @@ void convert_loaded(LoadedTensors& loaded, const Checkpoint& ckpt, const std::ve
   loaded.owners = std::move(kept);
 }
 
+std::vector<Dtype> target_dtypes(const Checkpoint& ckpt, const std::vector<Pick>& picks, const DtypeRules& rules) {
+  std::vector<Dtype> targets;
+  if (rules.empty()) return targets;
+  bool any = false;
+  targets.reserve(picks.size());
+  for (const Pick& p : picks) {
+    const TensorEntry& e = ckpt.entry(p.ref);
+    targets.push_back(rules.target_for(e));
+    any = any || targets.back() != e.dtype;
+  }
+  if (!any) targets.clear();
+  return targets;
+}
+
 }  // namespace fst

@@ -216,4 +216,17 @@ ReadPlan plan_reads(const Checkpoint& ckpt, const std::vector<Pick>& sel,
   return plan;
 }
 
+std::vector<std::size_t> group_starts(const std::vector<std::uint64_t>& sizes, std::uint64_t budget) {
+  std::vector<std::size_t> starts;
+  std::uint64_t bytes = 0;
+  for (std::size_t i = 0; i < sizes.size(); ++i) {
+    if (starts.empty() || (bytes + sizes[i] > budget && starts.back() < i)) {
+      starts.push_back(i);
+      bytes = 0;
+    }
+    bytes += sizes[i];
+  }
+  return starts;
+}
+
 }  // namespace fst

@@ -28,6 +28,9 @@ struct DtypeRules {
 
 bool is_floating(Dtype d) noexcept;
 
+// The dtype `rules` give each pick, or an empty vector when they change none.
+std::vector<Dtype> target_dtypes(const Checkpoint& ckpt, const std::vector<Pick>& picks, const DtypeRules& rules);
+
 // Converts every tensor of `loaded` whose target differs from its dtype into a new arena
 // (slots aligned to `alignment`), on `pool`. loaded.dtypes then holds the new dtypes.
 void convert_loaded(LoadedTensors& loaded, const Checkpoint& ckpt, const std::vector<Dtype>& targets,

@@ -97,6 +97,11 @@ class Checkpoint {
   mutable std::unique_ptr<NameTable> by_name_;  // indices into all_, by name
 };
 
+// Consecutive groups of items whose sizes add up to at most `budget` (an item larger than the
+// budget is a group of its own): the index of each group's first item. What a stream reads
+// at a time, for a selection's tensors or for the shares of them a process reads.
+std::vector<std::size_t> group_starts(const std::vector<std::uint64_t>& sizes, std::uint64_t budget);
+
 // Where each selected tensor goes in one host arena: slots aligned to `alignment`.
 struct Placement {
   std::vector<std::uint64_t> offsets;  // parallel to the selection

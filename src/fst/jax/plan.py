@@ -209,13 +209,5 @@ def group_by_budget(plans: Sequence[TensorPlan], budget: int) -> list[list[Tenso
     The rule of the core's Selection.split, applied to what this process reads of each tensor
     rather than to a selection's picks: a tensor here is several row ranges in two lanes (or
     none, when it is empty), and its share of the budget is the sum of its row ranges."""
-    groups: list[list[TensorPlan]] = []
-    size = 0
-    for p in plans:
-        n = p.read_bytes
-        if not groups or (size + n > budget and groups[-1]):
-            groups.append([])
-            size = 0
-        groups[-1].append(p)
-        size += n
-    return groups
+    starts = _core.group_starts([p.read_bytes for p in plans], budget) + [len(plans)]
+    return [list(plans[a:b]) for a, b in zip(starts, starts[1:])]
