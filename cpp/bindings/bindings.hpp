@@ -121,17 +121,6 @@ struct PyCheckpoint {
 ReadOptions read_options(const std::string& backend, unsigned threads, std::uint64_t alignment,
                          std::uint64_t view_alignment, bool allow_views);
 
-// ---- device (device.cpp) -----------------------------------------------------------------
-
-// The device of a GDS load: cuFile into CUDA device memory (device >= 0), or O_DIRECT reads
-// into host memory with the host twins of the kernels (device < 0: checkable without a GPU).
-std::shared_ptr<GdsDevice> make_gds_device(int device, const std::string& bundled_library);
-
-// The sink of a staged load: CUDA device memory (device >= 0), or host memory through a host
-// copy engine (device < 0: the same pipeline, checkable without a GPU). Host sinks that
-// misbehave on purpose are made by fst._core._testing.host_sink (testing.cpp).
-std::shared_ptr<StagingSink> make_staging_sink(int device, std::uint64_t alignment);
-
 // ---- convert (convert.cpp) ---------------------------------------------------------------
 
 // A conversion mode named from Python (one of CONVERT_MODES); ValueError otherwise.

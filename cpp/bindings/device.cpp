@@ -12,14 +12,6 @@
 
 namespace fst::bindings {
 
-std::shared_ptr<GdsDevice> make_gds_device(int device, const std::string& bundled_library) {
-  return device < 0 ? make_host_gds_device() : make_cufile_device(device, bundled_library);
-}
-
-std::shared_ptr<StagingSink> make_staging_sink(int device, std::uint64_t alignment) {
-  return device < 0 ? make_host_sink(alignment) : make_cuda_sink(device);
-}
-
 namespace {
 
 void register_devices(py::module_& m) {

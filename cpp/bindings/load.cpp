@@ -8,8 +8,9 @@
 #include <optional>
 
 #include "bindings.hpp"
-#include "fst/file_handle.hpp"
+#include "fst/cuda.hpp"
 #include "fst/errors.hpp"
+#include "fst/file_handle.hpp"
 #include "fst/read_into.hpp"
 #include "fst/thread_pool.hpp"
 

@@ -4,9 +4,7 @@
 #include <pybind11/stl.h>
 
 #include "bindings.hpp"
-#include "fst/buffer.hpp"
 #include "fst/source.hpp"
-#include "fst/thread_pool.hpp"
 
 namespace fst::bindings {
 
@@ -17,8 +15,6 @@ struct PySource {
   std::shared_ptr<const Checkpoint> ckpt;
   std::shared_ptr<TensorSource> source;
   DtypeRules rules;
-  ConvertMode mode;
-  std::uint64_t alignment;
 
   ExportItem item(const std::string& name, std::optional<std::uint64_t> lo, std::optional<std::uint64_t> hi) const {
     const TensorRef r = ckpt->require(name);
@@ -30,17 +26,11 @@ struct PySource {
       pick.first_row = first;
       pick.rows = last - first;
     }
-    const Dtype from = ckpt->entry(r).dtype, to = rules.target_for(ckpt->entry(r));
+    const Dtype to = rules.target_for(ckpt->entry(r));
     TensorSource::Rows rows;
     {
       py::gil_scoped_release release;
-      rows = source->get(pick);
-      if (to != from) {  // fix up: convert into memory of its own
-        const std::uint64_t count = ckpt->extent(pick).nbytes * 8 / dtype_bits(from);
-        auto arena = std::make_shared<HostArena>(count * dtype_bits(to) / 8, alignment);
-        convert_host(rows.data, from, arena->data(), to, count, ThreadPool::default_threads(), mode);
-        rows = TensorSource::Rows{arena, arena->data()};
-      }
+      rows = source->get_as(pick, to);
     }
     return ExportItem{rows.owner, rows.data, to, signed_shape(ckpt->shape(pick), name), to};
   }
@@ -72,10 +62,10 @@ void register_source(py::module_& m) {
                               const std::optional<std::string>& floating_default,
                               const std::vector<std::pair<std::string, std::string>>& rules, const std::string& mode) {
     ReadOptions opt = read_options(backend, 1, alignment, view_alignment, allow_views);
+    opt.convert_mode = parse_mode(mode);
     DtypeRules r = make_rules(floating_default, rules);
-    const ConvertMode convert_mode = parse_mode(mode);
     py::gil_scoped_release release;
-    return PySource{c.ckpt, std::make_shared<TensorSource>(c.ckpt, opt), std::move(r), convert_mode, alignment};
+    return PySource{c.ckpt, std::make_shared<TensorSource>(c.ckpt, opt), std::move(r)};
   }, py::arg("backend") = "auto", py::arg("alignment") = 64, py::arg("view_alignment") = 0,
      py::arg("allow_views") = true, py::arg("floating_default") = py::none(),
      py::arg("rules") = std::vector<std::pair<std::string, std::string>>{}, py::arg("mode") = "torch");

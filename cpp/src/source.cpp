@@ -5,7 +5,9 @@
 #include <unordered_set>
 
 #include "detail/posix_file.hpp"
+#include "fst/convert.hpp"
 #include "fst/errors.hpp"
+#include "fst/thread_pool.hpp"
 
 namespace fst {
 
@@ -59,6 +61,16 @@ TensorSource::Rows TensorSource::get(const Pick& pick) const {
   }
   auto arena = std::make_shared<HostArena>(len, opt_.alignment);
   if (len) detail::read_exact(header.file->fd(), header.path, arena->data(), len, offset);
+  return Rows{arena, arena->data()};
+}
+
+TensorSource::Rows TensorSource::get_as(const Pick& pick, Dtype target) const {
+  Rows rows = get(pick);
+  const Dtype from = ckpt_->entry(pick.ref).dtype;
+  if (target == from) return rows;
+  const std::uint64_t count = ckpt_->extent(pick).nbytes * 8 / dtype_bits(from);
+  auto arena = std::make_shared<HostArena>(count * dtype_bits(target) / 8, opt_.alignment);
+  convert_host(rows.data, from, arena->data(), target, count, ThreadPool::default_threads(), opt_.convert_mode);
   return Rows{arena, arena->data()};
 }
 

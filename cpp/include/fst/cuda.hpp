@@ -70,4 +70,13 @@ std::uint64_t release_cuda_staging();
 // reason when cuFile is unusable (see cufile_info) or fst was built without its kernels.
 std::shared_ptr<GdsDevice> make_cufile_device(int device, const std::string& bundled_library);
 
+// The device of a GDS load: cuFile into CUDA device memory (device >= 0), or O_DIRECT reads
+// into host memory with the host twins of the kernels (device < 0: checkable without a GPU).
+std::shared_ptr<GdsDevice> make_gds_device(int device, const std::string& bundled_library);
+
+// The sink of a staged load: CUDA device memory (device >= 0), or host memory through a host
+// copy engine (device < 0: the same pipeline, checkable without a GPU). Host sinks that
+// misbehave on purpose come from make_host_sink's test arguments.
+std::shared_ptr<StagingSink> make_staging_sink(int device, std::uint64_t alignment);
+
 }  // namespace fst

@@ -24,6 +24,9 @@ class TensorSource {
     std::byte* data;
   };
   Rows get(const Pick& pick) const;
+  // The pick converted to `target` (by options.convert_mode's rules, into memory of its own)
+  // when that differs from its dtype; get(pick) otherwise.
+  Rows get_as(const Pick& pick, Dtype target) const;
   Backend backend() const noexcept { return backend_; }
   const std::string& reason() const noexcept { return reason_; }
 
