@@ -17,17 +17,22 @@ from .. import _core
 from ..errors import UnsupportedError
 from ._dtypes import table
 
-_FLOAT4 = getattr(torch, "float4_e2m1fn_x2", None)
+_from_capsule = torch.utils.dlpack.from_dlpack  # takes a DLPack capsule as it is
+# Format dtype -> the installed torch's dtype (F4 as its x2-packed pairs); a dtype an older
+# torch lacks is absent.
+_TORCH_NAMES = {
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16",
+    "I32": "int32", "U32": "uint32", "I64": "int64", "U64": "uint64", "F16": "float16",
+    "BF16": "bfloat16", "F32": "float32", "F64": "float64", "C64": "complex64",
+    "F8_E5M2": "float8_e5m2", "F8_E4M3": "float8_e4m3fn", "F8_E8M0": "float8_e8m0fnu",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz", "F4": "float4_e2m1fn_x2",
+}
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    fmt: getattr(torch, name) for fmt, name in _TORCH_NAMES.items() if hasattr(torch, name)}
+_FLOAT4 = TORCH_DTYPES.get("F4")
 # Dtypes torch's DLPack import lacks: exported as bytes, then viewed as this torch dtype.
 _VIEW_AFTER = {"F4": _FLOAT4} if _FLOAT4 is not None else {}
 _BYTES_FOR: list[bool] = table(lambda n: n in _VIEW_AFTER)
-_from_capsule = torch.utils.dlpack.from_dlpack  # takes a DLPack capsule as it is
-_CAST_TO = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "BOOL": torch.bool,
-    "U8": torch.uint8, "I8": torch.int8, "U16": torch.uint16, "I16": torch.int16, "U32": torch.uint32,
-    "I32": torch.int32, "U64": torch.uint64, "I64": torch.int64,
-}
 
 
 @functools.cache
@@ -89,11 +94,24 @@ class TorchAdapter:
         for i in as_bytes:  # F4: packed bytes, re-typed
             tensors[i] = tensors[i].view(_FLOAT4)
         for i, target in loaded.casts:  # device loads: conversion on the device, by torch
-            tensors[i] = tensors[i].to(_CAST_TO[target])
+            tensors[i] = tensors[i].to(TORCH_DTYPES[target])
         return dict(zip(names, tensors))
 
     def cast(self, tensor: torch.Tensor, target: str) -> torch.Tensor:
-        return tensor.to(_CAST_TO[target])
+        return tensor.to(TORCH_DTYPES[target])
+
+    def dtype_of(self, name: str, format_dtype: str) -> torch.dtype:
+        """The torch dtype of tensor `name`, whose file dtype is `format_dtype`."""
+        dtype = TORCH_DTYPES.get(format_dtype)
+        if dtype is None:
+            raise UnsupportedError(f"tensor {name!r}: {format_dtype} has no torch dtype")
+        return dtype
+
+    def from_bytes(self, raw: torch.Tensor, name: str, format_dtype: str, shape: tuple) -> torch.Tensor:
+        """The bytes of tensor `name` (a uint8 tensor, as the file holds them) as a tensor of
+        its dtype and `shape` (for F4, the shape of its packed pairs), without a copy."""
+        flat = raw if raw.dim() == 1 else raw.reshape(-1)
+        return flat.view(self.dtype_of(name, format_dtype)).view(shape)
 
     def from_source(self, source: _core.TensorSource, name: str, lo: int | None, hi: int | None, device: Any) -> torch.Tensor:
         return self._wrap(name, source.tensor(name, lo, hi, _BYTES_FOR))

@@ -5,19 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from .. import _core, _settings
-from ..errors import UnsupportedError
-from .plan import TORCH_DTYPES, PlannedTensor
+from ..adapters import get_adapter
+from .plan import PlannedTensor
 
 
-def torch_element_size(torch: Any):
+def torch_element_size(name: str, dtype: str) -> int:
     """make_plan's element sizes, raising for a dtype the installed torch lacks."""
-    def element_size(name: str, dtype: str) -> int:
-        tname = TORCH_DTYPES.get(dtype)
-        tdtype = getattr(torch, tname, None) if tname else None
-        if tdtype is None:
-            raise UnsupportedError(f"tensor {name!r}: {dtype} has no torch dtype")
-        return tdtype.itemsize
-    return element_size
+    return get_adapter("torch").dtype_of(name, dtype).itemsize
 
 
 class TensorAssembler:
@@ -26,15 +20,14 @@ class TensorAssembler:
     def __init__(self, torch: Any, target: Any, rank: int, stats: dict):
         self.torch, self.target, self.me = torch, target, rank
         self.stats = stats
+        self.adapter = get_adapter("torch")  # tensors are typed as the torch adapter types them
 
     def typed(self, raw, t: PlannedTensor, shape: tuple):
-        flat = raw if raw.dim() == 1 else raw.reshape(-1)
-        return flat.view(getattr(self.torch, TORCH_DTYPES[t.dtype])).view(shape)
+        return self.adapter.from_bytes(raw, t.name, t.dtype, shape)
 
     def empty(self, t: PlannedTensor):
-        torch = self.torch
-        dtype = getattr(torch, TORCH_DTYPES[t.dtype])
-        return torch.empty(t.part_shape(self.me), dtype=dtype, device=self.target)
+        dtype = self.adapter.dtype_of(t.name, t.dtype)
+        return self.torch.empty(t.part_shape(self.me), dtype=dtype, device=self.target)
 
     def to_target(self, x):
         """A finished tensor in host memory (gloo delivered it on the CPU) onto the CUDA target

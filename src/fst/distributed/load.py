@@ -118,7 +118,7 @@ class RankLoad:
                 entries = [e for e in entries if e.name in chosen]
             # Inside the agreement: a rule that refuses a tensor raises on every rank.
             self.casts = conversions(selection, dtype)
-            plan = make_plan(entries, owner.rules, ws, budget, torch_element_size(torch))
+            plan = make_plan(entries, owner.rules, ws, budget, torch_element_size)
             place = locality(ckpt)
         except Exception as exc:  # reported to every rank before raising
             error = exc
