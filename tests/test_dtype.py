@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fst
+from fst import _core
 from checkpoints import load_conversion, raw_bytes, write
 from fst.adapters import get_adapter
 
@@ -81,8 +82,8 @@ def test_staged_loads_convert_in_the_pipeline(floats, buffer_bytes):
     for target in ("F32", "BF16", "F8_E5M2"):
         keys = None if target != "F8_E5M2" else FLOATS + ["ints"]
         selection = fst.open_checkpoint(floats).select(keys).with_dtypes(target, [])
-        loaded = selection.start_staged(-1, "pread", 2, 256, 4 * buffer_bytes, buffer_bytes,
-                                        sink=fst._core._testing.host_sink(copy_delay_us=20)).wait()
+        options = _core.StagingOptions(threads=2, budget=4 * buffer_bytes, buffer_bytes=buffer_bytes)
+        loaded = selection.start_staged(-1, options, sink=fst._core._testing.host_sink(copy_delay_us=20)).wait()
         assert loaded.casts == []
         got = get_adapter("torch").export(loaded, "cpu")
         for name, t in got.items():
@@ -95,7 +96,7 @@ def test_framework_casts_when_the_device_cannot_convert(floats):
     """A device sink without kernels reports the conversions; the torch adapter applies them."""
     ref = fst.load(floats, framework="torch")
     selection = fst.open_checkpoint(floats).select(None).with_dtypes("F32", [])
-    loaded = selection.start_staged(-1, "pread", 2, 256, 1 << 20, 1 << 16,
+    loaded = selection.start_staged(-1, _core.StagingOptions(threads=2, budget=1 << 20, buffer_bytes=1 << 16),
                                     sink=fst._core._testing.host_sink(converts=False)).wait()
     assert {i for i, _ in loaded.casts} and all(t == "F32" for _, t in loaded.casts)
     got = get_adapter("torch").export(loaded, "cpu")

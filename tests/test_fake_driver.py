@@ -79,7 +79,7 @@ def test_staged_load_onto_device_0_matches_safetensors(fake, checkpoint):
     got, calls = fake.run(LOAD_AND_COMPARE + f"""
 path = {str(checkpoint)!r}
 sel = fst.open_checkpoint(path).select(None)
-loaded = sel.start_staged(0, "pread", 3, 256, 8 * 65536, 65536).wait()
+loaded = sel.start_staged(0, fst._core.StagingOptions(threads=3, budget=8 * 65536, buffer_bytes=65536)).wait()
 print(json.dumps({{"bad": compare(loaded, reference(path, None), sel.names()), "n": len(loaded),
                   "reason": loaded.stats["reason"]}}))
 """, env={"FST_FAKE_COPY_DELAY_US": "30"})
@@ -98,8 +98,8 @@ def test_conversions_on_device_0_run_the_kernel_source(fake, checkpoint, dtype):
     got, calls = fake.run(LOAD_AND_COMPARE + f"""
 path = {str(checkpoint)!r}
 sel = fst.open_checkpoint(path).select(None).with_dtypes({dtype!r}, [])
-loaded = sel.start_staged(0, "pread", 2, 256, 4 * 65536, 65536).wait()
-host = sel.start("pread", 1, 256, 0, False).wait()
+loaded = sel.start_staged(0, fst._core.StagingOptions(threads=2, budget=4 * 65536, buffer_bytes=65536)).wait()
+host = sel.start(fst._core.ReadOptions(backend="pread", threads=1, alignment=256, allow_views=False)).wait()
 
 def nbytes(t):
     n = fst._core.dtype_bits(t.dtype)
@@ -135,7 +135,7 @@ for i in range(6):
     with open(log, "a") as f:
         f.write(f"load n={i}\\n")
     sel = ckpt.select(None) if i % 2 else ckpt.select(["t1*", "tiny*"]).with_dtypes("F32", [])
-    loaded = sel.start_staged(0, "pread", THREADS, 256, BUDGET, 65536).wait()
+    loaded = sel.start_staged(0, fst._core.StagingOptions(threads=THREADS, budget=BUDGET, buffer_bytes=65536)).wait()
     del loaded
 print(json.dumps({"usage": fst._core.staging_usage()}))
 """
@@ -189,7 +189,7 @@ bad, errors = [], []
 def one():
     try:
         sel = fst.open_checkpoint(path).select(None)
-        loaded = sel.start_staged(0, "pread", 2, 256, 4 * 65536, 65536).wait()
+        loaded = sel.start_staged(0, fst._core.StagingOptions(threads=2, budget=4 * 65536, buffer_bytes=65536)).wait()
         bad.extend(compare(loaded, ref, sel.names()))
     except Exception as exc:
         errors.append(repr(exc))
@@ -208,11 +208,13 @@ print(json.dumps({{"bad": bad, "errors": errors, "usage": fst._core.staging_usag
 def test_release_staging_frees_the_pool_and_runtime_info_reports_it(fake, checkpoint):
     got, calls = fake.run(READBACK + f"""
 path = {str(checkpoint)!r}
-fst.open_checkpoint(path).select(None).start_staged(0, "pread", 2, 256, 1 << 20, 65536).wait()
+fst.open_checkpoint(path).select(None).start_staged(0, fst._core.StagingOptions(threads=2, budget=1 << 20,
+                                                                                buffer_bytes=65536)).wait()
 before = fst.runtime_info()["staging"]
 freed = fst.release_staging()
 after = fst.runtime_info()["staging"]
-fst.open_checkpoint(path).select(None).start_staged(0, "pread", 2, 256, 1 << 20, 65536).wait()
+fst.open_checkpoint(path).select(None).start_staged(0, fst._core.StagingOptions(threads=2, budget=1 << 20,
+                                                                                buffer_bytes=65536)).wait()
 print(json.dumps({{"before": before, "after": after, "freed": freed, "pinned": _fake.fake_cuda_pinned_bytes(),
                   "again": fst.runtime_info()["staging"]}}))
 """)
@@ -227,7 +229,7 @@ print(json.dumps({{"before": before, "after": after, "freed": freed, "pinned": _
 DROP = READBACK + """
 path = PATH
 sel = fst.open_checkpoint(path).select(None)
-loaded = sel.start_staged(0, "pread", 2, 256, 1 << 20, 65536).wait()
+loaded = sel.start_staged(0, fst._core.StagingOptions(threads=2, budget=1 << 20, buffer_bytes=65536)).wait()
 tensors = [t for _, t in loaded.to_dlpack([False] * len(fst._core.DTYPE_NAMES))]
 time.sleep(0.5)  # the load's own scratch memory is freed by now
 held = _fake.fake_cuda_device_bytes()
@@ -267,7 +269,8 @@ def test_injected_failures_end_the_load_with_the_drivers_error(fake, checkpoint)
 path = {str(checkpoint)!r}
 out = {{}}
 try:
-    fst.open_checkpoint(path).select(None).start_staged(0, "pread", 3, 256, 6 * 65536, 65536).wait()
+    fst.open_checkpoint(path).select(None).start_staged(0, fst._core.StagingOptions(threads=3, budget=6 * 65536,
+                                                                                    buffer_bytes=65536)).wait()
     out["error"] = None
 except fst.CudaError as exc:
     out["error"] = str(exc)
@@ -288,7 +291,8 @@ def test_without_loadable_kernels_the_framework_converts(fake, checkpoint):
     got, calls = fake.run(LOAD_AND_COMPARE + f"""
 path = {str(checkpoint)!r}
 sel = fst.open_checkpoint(path).select(None)
-loaded = sel.with_dtypes("F32", []).start_staged(0, "pread", 2, 256, 1 << 20, 65536).wait()
+loaded = sel.with_dtypes("F32", []).start_staged(0, fst._core.StagingOptions(threads=2, budget=1 << 20,
+                                                                             buffer_bytes=65536)).wait()
 print(json.dumps({{"bad": compare(loaded, reference(path, None), sel.names()), "casts": len(loaded.casts)}}))
 """, env={"FST_FAKE_NO_KERNELS": "1"})
     assert got["bad"] == [] and got["casts"] > 0, got
@@ -305,7 +309,7 @@ def test_every_driver_entry_point_fst_resolves_is_exercised(fake, checkpoint):
         (LOAD_AND_COMPARE + f"""
 path = {str(checkpoint)!r}
 sel = fst.open_checkpoint(path).select(None).with_dtypes("BF16", [])
-loaded = sel.start_staged(0, "pread", 2, 256, 1 << 20, 65536).wait()
+loaded = sel.start_staged(0, fst._core.StagingOptions(threads=2, budget=1 << 20, buffer_bytes=65536)).wait()
 t = [t for _, t in loaded.to_dlpack([False] * len(fst._core.DTYPE_NAMES))][1]
 fst._core.convert_on_device(0, t.data_ptr, "BF16", t.data_ptr, "BF16", 4)
 fst._core.cuda_driver_info()

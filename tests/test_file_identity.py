@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import fst
+from fst import _core
 from checkpoints import write
 
 # Two versions of one checkpoint with different layouts: the same names at other offsets and
@@ -79,7 +80,7 @@ def test_checkpoint_parsed_before_a_replacement_loads_its_own_version(tmp_path):
     ckpt = fst.open_checkpoint(live)
     os.replace(new, live)
     for backend in ("auto", "pread"):
-        loaded = ckpt.select(None).start(backend, 1, 64, 0, True).wait()
+        loaded = ckpt.select(None).start(_core.ReadOptions(backend=backend, threads=1, alignment=64)).wait()
         got = fst.adapters.get_adapter("numpy").export(loaded, "cpu")
         assert_same(got, reference(old_copy))
 

@@ -17,7 +17,7 @@ import torch
 
 import fst
 from checkpoints import ALL_DTYPES, raw_bytes, write
-from fst import _runtime
+from fst import _core, _runtime
 from fst._loading import start_load
 from fst.adapters import get_adapter
 from test_resources import snapshot
@@ -45,7 +45,8 @@ def every_dtype(path, prefix=b""):
 
 def host_gds(selection, threads=2, request_bytes=16 << 20, bulk_bytes=512 << 20, merge_gap=1 << 20):
     """The GDS load of `selection` on host memory, exported as torch CPU tensors."""
-    loaded = selection.start_gds(-1, threads, 256, request_bytes, bulk_bytes, merge_gap=merge_gap).wait()
+    loaded = selection.start_gds(-1, _core.GdsOptions(threads=threads, request_bytes=request_bytes,
+                                                      bulk_bytes=bulk_bytes, merge_gap=merge_gap)).wait()
     assert loaded.stats["backend"] == "gds"
     assert loaded.casts == []  # the device converts: nothing left to the framework
     return loaded, get_adapter("torch").export(loaded, "cpu")
@@ -168,13 +169,15 @@ def test_forced_gds_without_cufile_raises_the_reason_and_leaks_nothing(small):
         pytest.skip("cuFile is usable here")
     selection = fst.open_checkpoint(small).select(None)
     with pytest.raises(fst.UnsupportedError) as first:
-        selection.start_gds(0, 2, 256, 1 << 20, 1 << 20, _runtime.bundled_cufile())
+        selection.start_gds(0, _core.GdsOptions(threads=2, request_bytes=1 << 20, bulk_bytes=1 << 20),
+                            bundled_library=_runtime.bundled_cufile())
     assert "GPU Direct Storage is not usable here" in str(first.value)
     assert info["reason"] in str(first.value)
     fds, threads, _ = snapshot()
     for _ in range(20):
         with pytest.raises(fst.UnsupportedError):
-            selection.start_gds(0, 2, 256, 1 << 20, 1 << 20, _runtime.bundled_cufile())
+            selection.start_gds(0, _core.GdsOptions(threads=2, request_bytes=1 << 20, bulk_bytes=1 << 20),
+                                bundled_library=_runtime.bundled_cufile())
     assert snapshot()[:2] == (fds, threads)
 
 
@@ -254,7 +257,7 @@ def test_auto_falls_back_when_a_file_cannot_be_registered(monkeypatch):
     sel = _SelectionWhoseFilesGdsCannotOpen()
     assert start_load(_FakeGpuAdapter(), sel, "cuda", "auto", 0) == "staged"
     args, note = sel.staged
-    assert args[1] == "pread"
+    assert args[1].backend == "pread"
     assert note == "GPU Direct Storage not used: '/x.safetensors': the file system does not support O_DIRECT, which cuFile needs"
     # Forced, the same failure is the caller's error.
     with pytest.raises(fst.UnsupportedError, match="O_DIRECT"):
@@ -312,7 +315,7 @@ def test_plan_rejects_bad_sizes(small):
     with pytest.raises(ValueError, match="at least 8192"):
         selection.plan_gds(256, 4096, 4096)
     with pytest.raises(ValueError, match="multiple of 4096"):
-        selection.start_gds(-1, 1, 256, 4096, 10000)
+        selection.start_gds(-1, _core.GdsOptions(threads=1, request_bytes=4096, bulk_bytes=10000))
 
 
 def test_plan_reads_holes_up_to_the_merge_gap(tmp_path):
@@ -358,7 +361,8 @@ def test_host_gds_many_files_filters_and_shards(tmp_path):
             assert_same(got, want)
     # Shards: rows of dimension 0, out of file order, one tensor twice.
     rows = [("p3.w4", 1, 2), ("p0.w1", 0, 1), ("p3.w4", 0, 4), ("p2.w0", 2, 1)]
-    loaded = ckpt.select_rows(rows).start_gds(-1, 2, 256, 4096, 8192).wait()
+    loaded = ckpt.select_rows(rows).start_gds(-1, _core.GdsOptions(threads=2, request_bytes=4096,
+                                                                   bulk_bytes=8192)).wait()
     arrays = [t for _, t in loaded.to_dlpack([False] * len(fst._core.DTYPE_NAMES))]
     for (name, first, count), t in zip(rows, arrays):
         got = torch.from_dlpack(t)
@@ -400,11 +404,13 @@ def test_loads_one_after_another_share_a_gds_device(tmp_path):
     groups = ckpt.select(None).split(3000)
     assert len(groups) > 3
     for group in groups:
-        loaded = group.start_gds(-1, 2, 256, 4096, 1 << 16, gds_device=device).wait()
+        options = _core.GdsOptions(threads=2, request_bytes=4096, bulk_bytes=1 << 16)
+        loaded = group.start_gds(-1, options, gds_device=device).wait()
         got = get_adapter("torch").export(loaded, "cpu")
         assert_same(got, {k: ref[k] for k in got})
     assert device.bulk_allocations == 1
-    ckpt.select(None).start_gds(-1, 2, 256, 4096, 1 << 20, gds_device=device).wait()
+    ckpt.select(None).start_gds(-1, _core.GdsOptions(threads=2, request_bytes=4096, bulk_bytes=1 << 20),
+                                gds_device=device).wait()
     assert device.bulk_allocations == 2  # a larger window: a larger buffer
 
 
@@ -418,7 +424,8 @@ def test_a_gds_device_never_reads_a_replaced_file_through_its_old_registration(t
     got = []
     for source in (old, new):
         os.replace(shutil.copy(source, tmp_path / "incoming"), path)
-        loaded = fst.open_checkpoint(path).select(None).start_gds(-1, 2, 256, 4096, 1 << 16, gds_device=device).wait()
+        options = _core.GdsOptions(threads=2, request_bytes=4096, bulk_bytes=1 << 16)
+        loaded = fst.open_checkpoint(path).select(None).start_gds(-1, options, gds_device=device).wait()
         got.append({k: raw_bytes(v) for k, v in get_adapter("torch").export(loaded, "cpu").items()})
     assert got[0] == {k: raw_bytes(v) for k, v in reference(old).items()}
     assert got[1] == {k: raw_bytes(v) for k, v in reference(new).items()} != got[0]
@@ -431,7 +438,7 @@ def test_host_gds_file_that_shrank_is_an_error_and_leaks_nothing(tmp_path):
     fds, threads, _ = snapshot()
     for bulk in (8192, 1 << 20):
         with pytest.raises(fst.FstError, match="changed since its header was read"):
-            selection.start_gds(-1, 2, 256, 4096, bulk).wait()
+            selection.start_gds(-1, _core.GdsOptions(threads=2, request_bytes=4096, bulk_bytes=bulk)).wait()
     assert snapshot()[:2] == (fds, threads)
 
 

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import fst
+from fst import _core
 from checkpoints import assert_same_bits, load_conversion, raw_bytes, write
 
 _EXAMPLES = os.environ.get("FST_FUZZ_EXAMPLES")
@@ -101,12 +102,13 @@ def test_gpu_paths_deliver_the_reference_bytes(path_kind, case):
             selection = selection.with_dtypes(case["target"], [])
         if path_kind == "staged":
             buffer_bytes = case["buffer_pages"] * PAGE
-            pending = selection.start_staged(-1, "pread", case["threads"], 256, 2 * buffer_bytes, buffer_bytes,
-                                             sink=fst._core._testing.host_sink(copy_delay_us=5),
-                                             batch_pieces=case["batch_pieces"])
+            options = _core.StagingOptions(threads=case["threads"], budget=2 * buffer_bytes, buffer_bytes=buffer_bytes,
+                                           batch_pieces=case["batch_pieces"])
+            pending = selection.start_staged(-1, options, sink=fst._core._testing.host_sink(copy_delay_us=5))
         else:
-            pending = selection.start_gds(-1, case["threads"], 256, case["buffer_pages"] * PAGE,
-                                          max(case["bulk_pages"], 2) * PAGE, merge_gap=case["merge_gap"])
+            options = _core.GdsOptions(threads=case["threads"], request_bytes=case["buffer_pages"] * PAGE,
+                                       bulk_bytes=max(case["bulk_pages"], 2) * PAGE, merge_gap=case["merge_gap"])
+            pending = selection.start_gds(-1, options)
         loaded = pending.wait()
         assert loaded.casts == []  # both stand-ins convert, as the GPU kernels do
         got = [torch.from_dlpack(t) for _, t in loaded.to_dlpack([False] * len(fst._core.DTYPE_NAMES))]

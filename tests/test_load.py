@@ -12,6 +12,7 @@ import safetensors
 import torch
 
 import fst
+from fst import _core
 from checkpoints import ALL_DTYPES, NUMPY_DTYPES, raw_bytes, write
 
 BACKENDS = ["auto", "pread", "direct", "mmap"]
@@ -97,7 +98,7 @@ def test_jax_arrays(tmp_path, backend):
 def test_jax_zero_copy_from_fst_memory(tmp_path):
     jnp = pytest.importorskip("jax.numpy")
     path = write(tmp_path / "m.safetensors", [("w", "F32", [1024, 256]), ("b", "BF16", [3])])
-    loaded = fst.open_checkpoint(path).select(None).start("pread").wait()
+    loaded = fst.open_checkpoint(path).select(None).start(_core.ReadOptions(backend="pread")).wait()
     for name, t in loaded.to_dlpack([False] * len(fst._core.DTYPE_NAMES)):
         # JAX imports fst's 64-byte aligned memory as it is: the array is the same bytes.
         assert jnp.from_dlpack(t).unsafe_buffer_pointer() == t.data_ptr, name

@@ -9,6 +9,7 @@ import psutil
 import pytest
 
 import fst
+from fst import _core
 from checkpoints import write
 
 
@@ -71,7 +72,7 @@ def test_file_shrinking_during_load_is_an_error(tmp_path):
     fds, threads, _ = snapshot()
     for backend in ("pread", "direct"):
         with pytest.raises(fst.FstError, match="changed since its header was read"):
-            ckpt.select(None).start(backend).wait()
+            ckpt.select(None).start(_core.ReadOptions(backend=backend)).wait()
     assert snapshot()[:2] == (fds, threads)
 
 
@@ -88,7 +89,7 @@ def test_progress_callback_error_cancels_load(checkpoint):
         raise Stop
 
     fds, threads, _ = snapshot()
-    pending = fst.open_checkpoint(checkpoint).select(None).start("pread")
+    pending = fst.open_checkpoint(checkpoint).select(None).start(_core.ReadOptions(backend="pread"))
     # Either a tick during the reads or the final report raises: both must propagate.
     with pytest.raises(Stop):
         pending.wait(progress)
@@ -106,8 +107,9 @@ def test_keyboard_interrupt_stops_a_load_and_leaks_nothing(tmp_path):
     path = write(tmp_path / "m.safetensors", [(f"t{i}", "F32", [1024]) for i in range(400)])
     fds, threads, _ = snapshot()
     # A deliberately slow copy engine: 400 requests of 4 KiB, each copy started 5 ms late (2 s).
+    options = _core.StagingOptions(threads=2, budget=8192, buffer_bytes=4096)
     pending = fst.open_checkpoint(path).select(None).start_staged(
-        -1, "pread", 2, 256, 8192, 4096, sink=fst._core._testing.host_sink(copy_delay_us=5000))
+        -1, options, sink=fst._core._testing.host_sink(copy_delay_us=5000))
     signal.setitimer(signal.ITIMER_REAL, 0.3)
     previous = signal.signal(signal.SIGALRM, signal.default_int_handler)
     started = time.monotonic()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 import fst
+from fst import _core
 from checkpoints import assert_same_bits, raw_bytes, write
 from fst.adapters.numpy import NUMPY_DTYPES
 
@@ -25,9 +26,8 @@ def test_staged_bytes_match(checkpoint, backend, threads, buffer_bytes, budget):
     ref = {k: raw_bytes(v) for k, v in fst.load(checkpoint, backend="pread").items()}
     # A slow copy engine: reusing a buffer before its copies finish would corrupt the output.
     sink = fst._core._testing.host_sink(copy_delay_us=50)
-    pending = fst.open_checkpoint(checkpoint).select(None).start_staged(
-        -1, backend, threads, 256, budget, buffer_bytes, sink=sink
-    )
+    options = _core.StagingOptions(backend=backend, threads=threads, budget=budget, buffer_bytes=buffer_bytes)
+    pending = fst.open_checkpoint(checkpoint).select(None).start_staged(-1, options, sink=sink)
     loaded = pending.wait()
     got = loaded.to_numpy(NUMPY_DTYPES)
     assert {k: raw_bytes(v) for k, v in got.items()} == ref
@@ -49,12 +49,14 @@ def test_loads_one_after_another_share_a_sinks_staging_buffers(checkpoint):
     sink = fst._core._testing.host_sink(copy_delay_us=20)
     counts = []
     for keys in (["t1*"], ["t2*", "scalar"], None, ["t3*"]):
-        loaded = ckpt.select(keys).start_staged(-1, "pread", 3, 256, 4 * 8192, 8192, sink=sink).wait()
+        loaded = ckpt.select(keys).start_staged(-1, _core.StagingOptions(threads=3, budget=4 * 8192,
+                                                                         buffer_bytes=8192), sink=sink).wait()
         got = loaded.to_numpy(NUMPY_DTYPES)
         assert got and {k: raw_bytes(v) for k, v in got.items()} == {k: ref[k] for k in got}
         counts.append(sink.buffers_allocated)
     assert 0 < counts[0] <= 4 and counts[-1] == counts[2] <= 4, counts  # never more than the budget holds
-    ckpt.select(None).start_staged(-1, "pread", 3, 256, 4 * 65536, 65536, sink=sink).wait()
+    ckpt.select(None).start_staged(-1, _core.StagingOptions(threads=3, budget=4 * 65536, buffer_bytes=65536),
+                                   sink=sink).wait()
     assert sink.buffers_allocated > counts[-1]  # larger buffers: allocated anew
 
 
@@ -74,8 +76,8 @@ def test_requests_of_many_tiny_tensors_are_placed_by_one_move(tmp_path, batch_pi
     selection = fst.open_checkpoint(path).select(None)
     if dtype is not None:
         selection = selection.with_dtypes(dtype, [])
-    loaded = selection.start_staged(-1, "pread", 3, 256, 4 * 8192, 8192,
-                                    sink=fst._core._testing.host_sink(copy_delay_us=5), batch_pieces=batch_pieces).wait()
+    options = _core.StagingOptions(threads=3, budget=4 * 8192, buffer_bytes=8192, batch_pieces=batch_pieces)
+    loaded = selection.start_staged(-1, options, sink=fst._core._testing.host_sink(copy_delay_us=5)).wait()
     got = {n: torch.from_dlpack(t) for n, t in loaded.to_dlpack([False] * len(fst._core.DTYPE_NAMES))}
     for name, t in got.items():
         want = ref[name].to(torch.float32) if dtype and ref[name].is_floating_point() else ref[name]
@@ -90,7 +92,9 @@ def test_staged_rows_and_filters(checkpoint):
     ckpt = fst.open_checkpoint(checkpoint)
     full = fst.load(checkpoint, backend="pread")
     sel = ckpt.select_rows([("t5", 10, 20), ("t1", 0, 1), ("scalar", 0, 1)])
-    arrays = sel.start_staged(-1, "pread", 2, 256, 8192, 4096).wait().to_numpy(NUMPY_DTYPES, as_dict=False)
+    arrays = sel.start_staged(-1, _core.StagingOptions(threads=2, budget=8192,
+                                                       buffer_bytes=4096)).wait().to_numpy(NUMPY_DTYPES,
+                                                                                           as_dict=False)
     assert raw_bytes(arrays[0]) == raw_bytes(full["t5"][10:30])
     assert raw_bytes(arrays[1]) == raw_bytes(full["t1"][0:1])
     assert raw_bytes(arrays[2]) == raw_bytes(full["scalar"])
@@ -99,12 +103,12 @@ def test_staged_rows_and_filters(checkpoint):
 def test_staged_errors(checkpoint, tmp_path):
     ckpt = fst.open_checkpoint(checkpoint)
     with pytest.raises(fst.UnsupportedError, match="cannot feed device memory"):
-        ckpt.select(None).start_staged(-1, "mmap")
+        ckpt.select(None).start_staged(-1, _core.StagingOptions(backend="mmap"))
     with pytest.raises(ValueError, match="multiple of 4096"):
-        ckpt.select(None).start_staged(-1, "pread", buffer_bytes=1000)
+        ckpt.select(None).start_staged(-1, _core.StagingOptions(buffer_bytes=1000))
     if not fst._core.cuda_driver_info()["available"]:
         with pytest.raises(fst.CudaError, match="CUDA is not available"):
-            ckpt.select(None).start_staged(0)
+            ckpt.select(None).start_staged(0, _core.StagingOptions())
     # A file that shrank after planning: the error surfaces, nothing hangs.
     small = write(tmp_path / "s.safetensors", [(f"t{i}", "F32", [4096]) for i in range(8)])
     plan = fst.open_checkpoint(small)
@@ -112,13 +116,15 @@ def test_staged_errors(checkpoint, tmp_path):
 
     os.truncate(small, os.path.getsize(small) // 2)
     with pytest.raises(fst.FstError, match="changed since its header was read"):
-        plan.select(None).start_staged(-1, "pread", 2, 256, 8192, 4096).wait()
+        plan.select(None).start_staged(-1, _core.StagingOptions(threads=2, budget=8192, buffer_bytes=4096)).wait()
 
 
 FAILED_COPY = """
 import sys, fst
 sel = fst.open_checkpoint(sys.argv[1]).select(None)
-pending = sel.start_staged(-1, "pread", int(sys.argv[2]), 256, 8192, 4096,
+options = fst._core.StagingOptions(threads=int(sys.argv[2]), alignment=256, budget=8192,
+                                  buffer_bytes=4096)
+pending = sel.start_staged(-1, options,
                            sink=fst._core._testing.host_sink(copy_delay_us=20, fail_wait=int(sys.argv[3])))
 try:
     pending.wait()

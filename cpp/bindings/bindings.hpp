@@ -32,6 +32,7 @@ void register_errors(py::module_& m);   // errors.cpp: exception translation to 
 void register_export(py::module_& m);   // export.cpp: DLPackTensor
 void register_device(py::module_& m);   // device.cpp: sinks, GDS devices, staging pool, runtime info
 void register_plan(py::module_& m);     // plan.cpp: Checkpoint, Selection, dtype names
+void register_options(py::module_& m);  // options.cpp: ReadOptions, StagingOptions, GdsOptions
 void register_load(py::module_& m);     // load.cpp: Loaded, PendingLoad, Selection.start*
 void register_source(py::module_& m);   // source.cpp: TensorSource, Checkpoint.source
 void register_convert(py::module_& m);  // convert.cpp: host and device conversion
@@ -118,8 +119,6 @@ struct PyCheckpoint {
 
 // ---- read (load.cpp) ---------------------------------------------------------------------
 
-ReadOptions read_options(const std::string& backend, unsigned threads, std::uint64_t alignment,
-                         std::uint64_t view_alignment, bool allow_views);
 
 // ---- convert (convert.cpp) ---------------------------------------------------------------
 

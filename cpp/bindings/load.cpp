@@ -16,17 +16,6 @@
 
 namespace fst::bindings {
 
-ReadOptions read_options(const std::string& backend, unsigned threads, std::uint64_t alignment,
-                         std::uint64_t view_alignment, bool allow_views) {
-  ReadOptions opt;
-  opt.backend = backend_from_name(backend);
-  opt.threads = threads;
-  opt.alignment = alignment;
-  opt.view_alignment = view_alignment;
-  opt.allow_views = allow_views;
-  return opt;
-}
-
 namespace {
 
 // What a wait with the GIL released calls every 100 ms: handles Ctrl-C and reports progress
@@ -176,57 +165,38 @@ void register_results(py::module_& m) {
 void register_starts(py::module_& m) {
   py::class_<PySelection> selection = m.attr("Selection");
   selection
-      .def("start", [](const PySelection& s, const std::string& backend, unsigned threads,
-                       std::uint64_t alignment, std::uint64_t view_alignment, bool allow_views) {
-        ReadOptions opt = read_options(backend, threads, alignment, view_alignment, allow_views);
+      .def("start", [](const PySelection& s, ReadOptions opt) {
         opt.convert_mode = s.mode;
         PyPending p{nullptr, s.ckpt, {}};
         py::gil_scoped_release release;
         p.pending = std::make_unique<HostLoad>(s.ckpt, s.picks, opt, s.targets);
         return p;
-      }, py::arg("backend") = "auto", py::arg("threads") = 0, py::arg("alignment") = 64,
-         py::arg("view_alignment") = 0, py::arg("allow_views") = true)
+      }, py::arg("options") = ReadOptions{})
       // Through pinned staging buffers into device memory (device >= 0), or into host memory
       // with a host copy engine (device = -1: the same pipeline, checkable without a GPU).
-      .def("start_staged", [](const PySelection& s, int device, const std::string& backend, unsigned threads,
-                              std::uint64_t alignment, std::uint64_t budget, std::uint64_t buffer_bytes,
-                              const std::string& note, std::shared_ptr<StagingSink> sink, std::uint32_t batch_pieces) {
-        StagingOptions opt;
-        opt.batch_pieces = batch_pieces;
-        opt.backend = backend_from_name(backend);
-        opt.threads = threads;
-        opt.alignment = alignment;
-        opt.budget = budget;
-        opt.buffer_bytes = buffer_bytes;
+      // `note` goes before the load's own reason in its stats (why the route was taken).
+      .def("start_staged", [](const PySelection& s, int device, StagingOptions opt, const std::string& note,
+                              std::shared_ptr<StagingSink> sink) {
         opt.convert_mode = s.mode;
         PyPending p{nullptr, s.ckpt, note};
         py::gil_scoped_release release;
-        if (!sink) sink = make_staging_sink(device, alignment);
+        if (!sink) sink = make_staging_sink(device, opt.alignment);
         p.pending = std::make_unique<StagedLoad>(s.ckpt, s.picks, opt, std::move(sink), s.targets);
         return p;
-      }, py::arg("device"), py::arg("backend") = "pread", py::arg("threads") = 0, py::arg("alignment") = 256,
-         py::arg("budget") = StagingOptions{}.budget, py::arg("buffer_bytes") = StagingOptions{}.buffer_bytes,
-         py::arg("note") = "", py::arg("sink") = nullptr, py::arg("batch_pieces") = StagingOptions{}.batch_pieces)
+      }, py::arg("device"), py::arg("options") = StagingOptions{}, py::kw_only(), py::arg("note") = "",
+         py::arg("sink") = nullptr)
       // GPU Direct Storage into device memory (device >= 0), or the same plan run on host
       // memory with the host twins of the kernels (device = -1: checkable without a GPU).
-      .def("start_gds", [](const PySelection& s, int device, unsigned threads, std::uint64_t alignment,
-                           std::uint64_t request_bytes, std::uint64_t bulk_bytes, const std::string& bundled_library,
-                           std::uint64_t merge_gap, std::shared_ptr<GdsDevice> gds_device) {
-        GdsOptions opt;
-        opt.threads = threads;
-        opt.alignment = alignment;
-        opt.request_bytes = request_bytes;
-        opt.bulk_bytes = bulk_bytes;
-        opt.merge_gap = merge_gap;
+      .def("start_gds", [](const PySelection& s, int device, GdsOptions opt, const std::string& bundled_library,
+                           std::shared_ptr<GdsDevice> gds_device) {
         opt.convert_mode = s.mode;
         PyPending p{nullptr, s.ckpt, {}};
         py::gil_scoped_release release;
         if (!gds_device) gds_device = make_gds_device(device, bundled_library);
         p.pending = std::make_unique<GdsLoad>(s.ckpt, s.picks, opt, std::move(gds_device), s.targets);
         return p;
-      }, py::arg("device"), py::arg("threads") = 0, py::arg("alignment") = 256,
-         py::arg("request_bytes") = 16u << 20, py::arg("bulk_bytes") = 512u << 20,
-         py::arg("bundled_library") = "", py::arg("merge_gap") = 1u << 20, py::arg("gds_device") = nullptr);
+      }, py::arg("device"), py::arg("options") = GdsOptions{}, py::kw_only(), py::arg("bundled_library") = "",
+         py::arg("gds_device") = nullptr);
 }
 
 // Checkpoint.read_into: byte ranges straight into memory the caller owns (fst.torch.load_into,

@@ -14,6 +14,7 @@ PYBIND11_MODULE(_core, m) {
   register_export(m);   // DLPackTensor, which loads, sources and staging return
   register_device(m);   // StagingSink and GdsDevice, which Selection.start_* take
   register_plan(m);     // Checkpoint and Selection
+  register_options(m);  // ReadOptions, StagingOptions, GdsOptions, which the loads take
   register_load(m);     // Loaded, PendingLoad, and Selection's start methods
   register_source(m);   // TensorSource and Checkpoint.source
   register_convert(m);

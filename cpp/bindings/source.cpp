@@ -57,17 +57,15 @@ void register_source(py::module_& m) {
   // A method of Checkpoint (registered by plan.cpp), bound here after TensorSource so that its
   // signature names the Python class it returns.
   py::class_<PyCheckpoint> checkpoint = m.attr("Checkpoint");
-  checkpoint.def("source", [](const PyCheckpoint& c, const std::string& backend, std::uint64_t alignment,
-                              std::uint64_t view_alignment, bool allow_views,
+  checkpoint.def("source", [](const PyCheckpoint& c, ReadOptions opt,
                               const std::optional<std::string>& floating_default,
                               const std::vector<std::pair<std::string, std::string>>& rules, const std::string& mode) {
-    ReadOptions opt = read_options(backend, 1, alignment, view_alignment, allow_views);
+    opt.threads = 1;  // a source serves each tensor on the calling thread
     opt.convert_mode = parse_mode(mode);
     DtypeRules r = make_rules(floating_default, rules);
     py::gil_scoped_release release;
     return PySource{c.ckpt, std::make_shared<TensorSource>(c.ckpt, opt), std::move(r)};
-  }, py::arg("backend") = "auto", py::arg("alignment") = 64, py::arg("view_alignment") = 0,
-     py::arg("allow_views") = true, py::arg("floating_default") = py::none(),
+  }, py::arg("options") = ReadOptions{}, py::arg("floating_default") = py::none(),
      py::arg("rules") = std::vector<std::pair<std::string, std::string>>{}, py::arg("mode") = "torch");
 }
 

@@ -109,7 +109,8 @@ def start_load(adapter: Adapter, selection: _core.Selection, device: Any, backen
     instead of once per load."""
     index = adapter.cuda_index(device)
     if index is None:
-        return selection.start(backend, threads, adapter.alignment, adapter.view_alignment, True)
+        return selection.start(_core.ReadOptions(backend=backend, threads=threads, alignment=adapter.alignment,
+                                                 view_alignment=adapter.view_alignment))
     if backend == "mmap":
         raise UnsupportedError("backend 'mmap' gives zero-copy host views; GPU targets use pread, direct or gds")
     request_bytes = _settings.staging_buffer()
@@ -123,15 +124,10 @@ def start_load(adapter: Adapter, selection: _core.Selection, device: Any, backen
                     gds_device = sinks.get(("gds", index))
                     if gds_device is None:
                         gds_device = sinks[("gds", index)] = _core.GdsDevice(index, _runtime.bundled_cufile())
-                return selection.start_gds(
-                    index,
-                    threads,
-                    GPU_ALIGNMENT,
-                    request_bytes,
-                    _settings.gds_buffer(),
-                    _runtime.bundled_cufile(),
-                    gds_device=gds_device,
-                )
+                options = _core.GdsOptions(threads=threads, alignment=GPU_ALIGNMENT, request_bytes=request_bytes,
+                                           bulk_bytes=_settings.gds_buffer())
+                return selection.start_gds(index, options, bundled_library=_runtime.bundled_cufile(),
+                                           gds_device=gds_device)
             except (UnsupportedError, CudaError) as exc:
                 if backend == "gds":
                     raise
@@ -144,13 +140,7 @@ def start_load(adapter: Adapter, selection: _core.Selection, device: Any, backen
         sink = sinks.get(index)
         if sink is None:
             sink = sinks[index] = _core.StagingSink(index, GPU_ALIGNMENT)
-    return selection.start_staged(
-        index,
-        "pread" if backend == "auto" else backend,
-        threads,
-        GPU_ALIGNMENT,
-        _settings.pinned_budget(),
-        request_bytes,
-        note=note,
-        sink=sink,
-    )
+    options = _core.StagingOptions(backend="pread" if backend == "auto" else backend, threads=threads,
+                                   alignment=GPU_ALIGNMENT, budget=_settings.pinned_budget(),
+                                   buffer_bytes=request_bytes)
+    return selection.start_staged(index, options, note=note, sink=sink)

@@ -113,7 +113,7 @@ def runtime_info(path: Optional[str] = None) -> dict[str, Any]:
         sizes = [os.path.getsize(f) for f in files]
         resident = sum(_core.page_cache_residency(f) * n for f, n in zip(files, sizes)) / max(sum(sizes), 1)
         direct_ok, direct_why = _core.direct_io_supported(files[0])
-        source = _core.Checkpoint(files, _settings.threads(None)).source("auto")
+        source = _core.Checkpoint(files, _settings.threads(None)).source(_core.ReadOptions(backend="auto"))
         info["path"] = {
             "files": files,
             "page_cache_resident": resident,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import operator
 from typing import Any, Optional
 
-from . import _settings
+from . import _core, _settings
 from ._dtypes import dtype_rules
 from ._paths import PathArg
 from ._loading import open_checkpoint, start_load
@@ -29,11 +29,10 @@ class safe_open:  # noqa: N801 - the name is the reference's
         self._ckpt = open_checkpoint(filename)
         self._backend = _settings.backend(backend)
         self._rules = dtype_rules(dtype)
-        self._source = self._ckpt.source(
-            "auto" if self._adapter.cuda_index(device) is not None else self._backend,
-            self._adapter.alignment, self._adapter.view_alignment, True, *self._rules,
-            mode=self._adapter.conversion_mode,
-        )
+        options = _core.ReadOptions(
+            backend="auto" if self._adapter.cuda_index(device) is not None else self._backend,
+            alignment=self._adapter.alignment, view_alignment=self._adapter.view_alignment)
+        self._source = self._ckpt.source(options, *self._rules, mode=self._adapter.conversion_mode)
         self._closed = False
 
     def __enter__(self) -> "safe_open":

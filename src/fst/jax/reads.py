@@ -29,7 +29,9 @@ class RowReads:
             for (first, count), lane in zip(p.reads, p.lanes):
                 rows[lane].append((p.name, first, count))
         self.pending = [
-            ckpt.select_rows(r).start(backend, threads, ALIGN, ALIGN if lane == Lane.WHOLE else 0, True) if r else None
+            ckpt.select_rows(r).start(_core.ReadOptions(
+                backend=backend, threads=threads, alignment=ALIGN, view_alignment=ALIGN if lane == Lane.WHOLE else 0))
+            if r else None
             for lane, r in enumerate(rows)
         ]
         self.stats = stats

@@ -96,7 +96,7 @@ class LocalStrategy:
             ctx.stats["bytes_mapped"] += sel.nbytes
         else:
             ctx.stats["bytes_read"] += sel.nbytes
-        raw = self.reader.wait(sel.start(backend, ctx.threads, ALIGN, 0, True))
+        raw = self.reader.wait(sel.start(_core.ReadOptions(backend=backend, threads=ctx.threads, alignment=ALIGN)))
         ctx.stats["seconds_read"] += now() - t
         return raw
 
