@@ -5,7 +5,6 @@ only parses arguments, formats these results and picks the exit status.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any, Optional
 
 from ._compare import compare_file
 from ._loading import open_checkpoint
-from ._paths import INDEX_SUFFIX, resolve
+from ._paths import Index, resolve_checkpoint
 from .errors import FstError, HeaderError, one_line
 
 # --------------------------------------------------------------------------------------------
@@ -92,22 +91,6 @@ class VerifyReport:
         return sum(g.tensors for g in self.good)
 
 
-def weight_map(path: str) -> Optional[dict[str, str]]:
-    """For a checkpoint given by an index (or a directory with one): tensor name -> file path."""
-    p = Path(path)
-    index = None
-    if p.is_dir():
-        found = sorted(p.glob("*" + INDEX_SUFFIX))
-        preferred = [i for i in found if i.name == "model" + INDEX_SUFFIX]
-        index = (preferred or found or [None])[0]
-    elif p.name.endswith(INDEX_SUFFIX):
-        index = p
-    if index is None:
-        return None
-    names = json.loads(index.read_text())["weight_map"]
-    return {name: str(index.parent / f) for name, f in names.items()}
-
-
 def _safetensors_accepts(file: str) -> bool:
     try:
         from safetensors import safe_open as reference_open
@@ -119,20 +102,21 @@ def _safetensors_accepts(file: str) -> bool:
         return False
 
 
-def _index_problems(path: str, opened: dict[str, Any]) -> list[str]:
-    """Where the index of `path` (if it has one) and the files that opened disagree on which
+def _index_problems(index: Optional[Index], opened: dict[str, Any]) -> list[str]:
+    """Where the index (if the checkpoint has one) and the files that opened disagree on which
     file holds which tensor."""
-    index = weight_map(path)
     if index is None:
         return []
+    folder = Path(index.path).parent
+    listed = {name: str(folder / f) for name, f in index.weight_map.items()}
     problems = []
     real = {name: f for f, ck in opened.items() for name in ck.names()}
-    for name, f in index.items():
+    for name, f in listed.items():
         if f in opened and real.get(name) != f:
             where = f"but it is in {os.path.basename(real[name])}" if name in real else "but no file has it"
             problems.append(f"index: maps {name!r} to {os.path.basename(f)}, {where}")
     for name, f in real.items():
-        if name not in index:
+        if name not in listed:
             problems.append(f"index: {os.path.basename(f)} holds {name!r}, which the index does not list")
     return problems
 
@@ -141,7 +125,8 @@ def verify_checkpoint(path: str, against_safetensors: bool = False) -> VerifyRep
     """Validate every file of `path` on its own, the index against the files and, when those
     hold, the files together; with `against_safetensors`, bit-compare every tensor with what
     safetensors reads. Problems are collected, not raised: one bad file hides no other."""
-    report = VerifyReport(resolve(path))
+    files, index = resolve_checkpoint(path)
+    report = VerifyReport(files)
     opened = []
     for f in report.files:
         try:
@@ -156,7 +141,7 @@ def verify_checkpoint(path: str, against_safetensors: bool = False) -> VerifyRep
                 line += " (safetensors accepts this file)"
             report.problems.append(line)
     report.good = [GoodFile(f, len(ck), int(ck.nbytes)) for f, ck in opened]
-    report.problems += _index_problems(path, {f: ck for f, ck in opened})
+    report.problems += _index_problems(index, {f: ck for f, ck in opened})
 
     # Each file may be valid alone while the set is not (a tensor in two files).
     if not report.problems and len(report.files) > 1:
