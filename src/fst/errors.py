@@ -1,4 +1,5 @@
-"""The exceptions fst raises. I/O failures are plain OSError (FileNotFoundError, ...)."""
+"""The exceptions fst raises, and one_line, which states any exception in one line. I/O failures are
+plain OSError (FileNotFoundError, ...)."""
 
 from __future__ import annotations
 
