@@ -120,6 +120,7 @@ def test_differing_tensors(small):
 
 
 def test_one_line():
-    assert one_line(FileNotFoundError(2, "No such file or directory", "/m/a.st")) == "/m/a.st: No such file or directory"
+    missing = FileNotFoundError(2, "No such file or directory", "/m/a.st")
+    assert one_line(missing) == "/m/a.st: No such file or directory"
     assert one_line(ValueError("bad\n  header")) == "bad header"
     assert one_line(KeyboardInterrupt()) == "KeyboardInterrupt"

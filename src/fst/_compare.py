@@ -44,7 +44,8 @@ def compare_file(file: str, framework: str) -> tuple[int, list[str], int]:
         ref_keys, my_keys = set(ref.keys()), set(mine.keys())
         if ref_keys != my_keys:
             problems.append(f"{file}: tensor names differ from safetensors' "
-                            f"(only fst: {sorted(my_keys - ref_keys)[:3]}, only safetensors: {sorted(ref_keys - my_keys)[:3]})")
+                            f"(only fst: {sorted(my_keys - ref_keys)[:3]}, "
+                            f"only safetensors: {sorted(ref_keys - my_keys)[:3]})")
         for name in sorted(ref_keys & my_keys):
             dtype, shape = ckpt.info(name)[:2]
             sl = ref.get_slice(name)
