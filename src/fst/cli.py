@@ -14,7 +14,10 @@ from typing import Any, Callable, List, Optional
 import typer
 
 from . import benchmark as bm
+from ._compare import differing_tensors, reference_bytes, safetensors_loader
+from ._inspect import checkpoint_info, verify_checkpoint
 from ._settings import BACKENDS, one_of
+from .errors import one_line
 
 app = typer.Typer(
     name="fst",
@@ -38,15 +41,6 @@ _CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "Clic
 # errors: one line, no traceback unless --debug
 
 
-def _message(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        where = "" if exc.filename is None else str(exc.filename)
-        text = f"{where}: {exc.strerror}" if where and where not in exc.strerror else exc.strerror
-    else:
-        text = str(exc) or type(exc).__name__
-    return " ".join(text.split())
-
-
 def _error(text: str) -> None:
     typer.echo(f"error: {text}", err=True)
 
@@ -68,7 +62,7 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as exc:
             if _state["debug"] or isinstance(exc, _CLICK_ERROR):
                 raise
-            _error(_message(exc))
+            _error(one_line(exc))
             raise typer.Exit(1) from None
 
     return wrapper
@@ -110,52 +104,8 @@ def _choice_option(value: str, choices: tuple[str, ...], option: str) -> None:
 # info
 
 
-def _alignment(offset: int) -> int:
-    """Largest power of two dividing `offset`, capped at 4096."""
-    return 4096 if offset == 0 else min(4096, offset & -offset)
-
-
 def _shape(shape: Any) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
-
-
-def checkpoint_info(path: str, limit: Optional[int] = None) -> dict[str, Any]:
-    """Everything `fst info` shows, as plain data."""
-    import fst
-
-    ckpt = fst.open_checkpoint(path)
-    files = list(ckpt.files)
-    entries = sorted(ckpt.entries(), key=lambda e: (e[5], e[6]))
-    per_file = [{"tensors": 0, "nbytes": 0} for _ in files]
-    dtypes: dict[str, dict[str, int]] = {}
-    aligns: dict[int, int] = {}
-    tensors = []
-    for name, dtype, shape, begin, end, fi, absolute in entries:
-        n = end - begin
-        per_file[fi]["tensors"] += 1
-        per_file[fi]["nbytes"] += n
-        d = dtypes.setdefault(dtype, {"count": 0, "bytes": 0})
-        d["count"] += 1
-        d["bytes"] += n
-        a = _alignment(absolute)
-        aligns[a] = aligns.get(a, 0) + 1
-        if limit is None or len(tensors) < limit:
-            tensors.append({"name": name, "dtype": dtype, "shape": list(shape), "bytes": n, "offset": absolute,
-                            "alignment": a, "file": fi})
-    return {
-        "path": str(path),
-        "files": [
-            {"file": f, "size": ckpt.file_size(i), "header_len": ckpt.header_len(i), **per_file[i],
-             "metadata": ckpt.metadata(i)}
-            for i, f in enumerate(files)
-        ],
-        "tensor_count": len(entries),
-        "nbytes": int(ckpt.nbytes),
-        "dtypes": dict(sorted(dtypes.items(), key=lambda kv: -kv[1]["bytes"])),
-        "alignment": {str(k): v for k, v in sorted(aligns.items())},
-        "tensors": tensors,
-        "tensors_shown": len(tensors),
-    }
 
 
 @app.command()
@@ -214,74 +164,6 @@ def info(
 # verify
 
 
-def _weight_map(path: str) -> Optional[dict[str, str]]:
-    """For a checkpoint given by an index (or a directory with one): tensor name -> file path."""
-    from ._paths import INDEX_SUFFIX
-
-    p = Path(path)
-    index = None
-    if p.is_dir():
-        found = sorted(p.glob("*" + INDEX_SUFFIX))
-        preferred = [i for i in found if i.name == "model" + INDEX_SUFFIX]
-        index = (preferred or found or [None])[0]
-    elif p.name.endswith(INDEX_SUFFIX):
-        index = p
-    if index is None:
-        return None
-    weight_map = json.loads(index.read_text())["weight_map"]
-    return {name: str(index.parent / f) for name, f in weight_map.items()}
-
-
-def _to_bytes(x: Any) -> Any:
-    """The bytes of a tensor as a flat numpy uint8 array."""
-    import numpy as np
-
-    if type(x).__module__.startswith("torch"):
-        import torch
-
-        return x.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-    return np.ascontiguousarray(np.asarray(x)).reshape(-1).view(np.uint8)
-
-
-def _compare_file(file: str, framework: str) -> tuple[int, list[str], int]:
-    """Bit-compare every tensor of `file` read by fst and by safetensors.
-
-    Returns (tensors compared, problems, tensors that could not be compared)."""
-    import numpy as np
-    from safetensors import safe_open as ref_open
-
-    import fst
-
-    problems: list[str] = []
-    compared = skipped = 0
-    try:
-        reference = ref_open(file, framework=framework)
-    except Exception as exc:
-        return 0, [f"{file}: safetensors rejects it: {_message(exc)}"], 0
-    ckpt = fst.open_checkpoint(file)
-    with reference as ref, fst.safe_open(file, framework) as mine:
-        ref_keys, my_keys = set(ref.keys()), set(mine.keys())
-        if ref_keys != my_keys:
-            problems.append(f"{file}: tensor names differ from safetensors' "
-                            f"(only fst: {sorted(my_keys - ref_keys)[:3]}, only safetensors: {sorted(ref_keys - my_keys)[:3]})")
-        for name in sorted(ref_keys & my_keys):
-            dtype, shape = ckpt.info(name)[:2]
-            sl = ref.get_slice(name)
-            if (sl.get_dtype(), list(sl.get_shape())) != (dtype, list(shape)):
-                problems.append(f"{file}: tensor {name!r} is {dtype}{list(shape)} for fst but "
-                                f"{sl.get_dtype()}{list(sl.get_shape())} for safetensors")
-                continue
-            try:
-                a, b = _to_bytes(mine.get_tensor(name)), _to_bytes(ref.get_tensor(name))
-            except Exception:
-                skipped += 1
-                continue
-            if a.shape != b.shape or not np.array_equal(a, b):
-                problems.append(f"{file}: tensor {name!r} differs from what safetensors reads")
-            compared += 1
-    return compared, problems, skipped
-
-
 @app.command()
 @_guard
 def verify(
@@ -292,73 +174,19 @@ def verify(
     """Validate every file (each one on its own) and, optionally, compare every tensor.
 
     Each problem is one line on stderr; exit status 0 when all is good, 1 otherwise."""
-    import fst
-
-    from ._paths import resolve
-
     if against not in (None, "safetensors"):
         raise typer.BadParameter(f"unknown reader {against!r}; only 'safetensors' is supported", param_hint="--against")
-    files = resolve(path)
-    problems: list[str] = []
-    good: list[tuple[str, Any]] = []
-    for f in files:
-        try:
-            good.append((f, fst.open_checkpoint(f)))
-        except (fst.FstError, OSError) as exc:
-            line = _message(exc)
-            if f not in line:
-                line = f"{f}: {line}"
-            if against and isinstance(exc, fst.HeaderError):
-                try:
-                    from safetensors import safe_open as ref_open
-
-                    with ref_open(f, framework="np"):
-                        pass
-                    line += " (safetensors accepts this file)"
-                except Exception:
-                    pass
-            problems.append(line)
-
-    weight_map = _weight_map(path)
-    if weight_map is not None:
-        real = {}
-        for f, ck in good:
-            for name in ck.names():
-                real[name] = f
-        for name, f in weight_map.items():
-            if f in dict(good) and real.get(name) != f:
-                where = f"but it is in {os.path.basename(real[name])}" if name in real else "but no file has it"
-                problems.append(f"index: maps {name!r} to {os.path.basename(f)}, {where}")
-        for name, f in real.items():
-            if name not in weight_map:
-                problems.append(f"index: {os.path.basename(f)} holds {name!r}, which the index does not list")
-
-    if not problems and len(files) > 1:
-        try:
-            fst.open_checkpoint(files)
-        except (fst.FstError, OSError) as exc:
-            problems.append(_message(exc))
-
-    compared = skipped = 0
-    if against and good:
-        framework = "pt" if bm.installed("torch") else "np"
-        for f, _ in good:
-            n, found, s = _compare_file(f, framework)
-            compared += n
-            skipped += s
-            problems += found
-
-    for f, ck in good:
-        typer.echo(f"ok      {f}  ({len(ck)} tensors, {bm.format_size(ck.nbytes)})")
-    for line in problems:
+    report = verify_checkpoint(path, against_safetensors=against is not None)
+    for good in report.good:
+        typer.echo(f"ok      {good.file}  ({good.tensors} tensors, {bm.format_size(good.nbytes)})")
+    for line in report.problems:
         _error(line)
-    tensors = sum(len(ck) for _, ck in good)
-    summary = f"{len(files)} file(s), {tensors} tensors"
+    summary = f"{len(report.files)} file(s), {report.tensors} tensors"
     if against:
-        summary += f"; {compared} tensors bit-identical to safetensors" if not problems else ""
-        summary += f"; {skipped} not comparable" if skipped else ""
-    if problems:
-        typer.echo(f"FAILED: {len(problems)} problem(s) in {summary}")
+        summary += f"; {report.compared} tensors bit-identical to safetensors" if not report.problems else ""
+        summary += f"; {report.skipped} not comparable" if report.skipped else ""
+    if report.problems:
+        typer.echo(f"FAILED: {len(report.problems)} problem(s) in {summary}")
         raise typer.Exit(1)
     typer.echo(f"all good: {summary}")
 
@@ -432,32 +260,6 @@ def bench(
 # demo
 
 
-def _reference_bytes(files: list[str], with_torch: bool) -> tuple[dict[str, Any], str]:
-    """Every tensor's bytes as safetensors reads them (torch when usable, else numpy)."""
-    if with_torch:
-        from safetensors.torch import load_file
-
-        how = "safetensors.torch"
-    else:
-        from safetensors.numpy import load_file
-
-        how = "safetensors.numpy"
-    out: dict[str, Any] = {}
-    for f in files:
-        out.update({k: _to_bytes(v) for k, v in load_file(f).items()})
-    return out, how
-
-
-def _safetensors_loader(framework: str) -> Callable[[str], dict[str, Any]]:
-    if framework == "torch":
-        from safetensors.torch import load_file
-    elif framework == "numpy":
-        from safetensors.numpy import load_file
-    else:
-        from safetensors.flax import load_file
-    return load_file
-
-
 @app.command()
 @_guard
 def demo(
@@ -466,8 +268,6 @@ def demo(
     dtype: str = typer.Option("BF16", "--dtype", help="dtype of the tensors."),
 ) -> None:
     """Make a checkpoint, load it into every installed framework and check every bit against safetensors."""
-    import numpy as np
-
     import fst
 
     nbytes = _size_option(size)
@@ -480,7 +280,7 @@ def demo(
         file_list = [str(p) for p in ck.files]
         skipped = {fw: why for fw in bm.FRAMEWORKS if (why := bm.framework_problem(fw)) is not None}
         if bm.installed("safetensors"):
-            reference, how = _reference_bytes(file_list, "torch" not in skipped)
+            reference, how = reference_bytes(file_list, "torch" not in skipped)
             typer.echo(f"reference: {how}.load_file")
         else:
             reference = None
@@ -500,9 +300,7 @@ def demo(
             if reference is None:
                 equal = "not compared"
             else:
-                bad = [k for k in reference
-                       if k not in tensors or not np.array_equal(_to_bytes(tensors[k]), reference[k])]
-                bad += [k for k in tensors if k not in reference]
+                bad = differing_tensors(tensors, reference)
                 failures += bool(bad)
                 equal = "yes" if not bad else f"NO ({len(bad)} tensors differ, e.g. {bad[0]})"
             rows.append([framework, "fst", len(tensors), f"{seconds:.3f}", f"{ck.nbytes / seconds / 1e9:.2f}",
@@ -511,7 +309,7 @@ def demo(
             if reference is None:
                 continue
             try:
-                load_file = _safetensors_loader(framework)
+                load_file = safetensors_loader(framework)
                 t0 = time.perf_counter()
                 theirs: dict[str, Any] = {}
                 for f in file_list:
@@ -522,7 +320,7 @@ def demo(
                              f"{ck.nbytes / seconds / 1e9:.2f}", "", "(reference)" if framework == "torch" else ""])
                 del theirs
             except Exception as exc:
-                rows.append([framework, "safetensors", "", "n/a", "", "", _message(exc)[:50]])
+                rows.append([framework, "safetensors", "", "n/a", "", "", one_line(exc)[:50]])
         typer.echo("")
         typer.echo(bm.render_table(["framework", "loader", "tensors", "seconds", "GB/s", "backend", "bit-equal"],
                                    rows, right={2, 3, 4}))

@@ -1,4 +1,5 @@
-"""The exceptions fst raises. I/O failures are plain OSError (FileNotFoundError, ...)."""
+"""The exceptions fst raises, and one_line, which states any exception in one line. I/O failures are
+plain OSError (FileNotFoundError, ...)."""
 
 from __future__ import annotations
 
@@ -26,3 +27,15 @@ class UnsupportedError(FstError):
 
 class CudaError(FstError):
     """A CUDA driver or cuFile call failed."""
+
+
+def one_line(exc: BaseException) -> str:
+    """`exc` as one line of text, for a report that gives each problem a line of its own.
+
+    An OSError names its file once: strerror alone leaves it out, str() adds "[Errno n]"."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = "" if exc.filename is None else str(exc.filename)
+        text = f"{where}: {exc.strerror}" if where and where not in exc.strerror else exc.strerror
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
