@@ -247,19 +247,37 @@ def _pieces(dest: torch.Tensor, first: int, limit: int) -> Iterator[tuple[torch.
             yield from _pieces(dest[i], first + i * per_row, limit)
 
 
-def _groups(writes: list[_Write], capacity: int) -> Iterator[list[tuple[_Write, torch.Tensor, int, int]]]:
-    """Groups of (write, piece, element index, place in the buffer) that fit in `capacity` bytes."""
+def _align(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
+def _converted_on_host(w: _Write) -> int:
+    """Bytes per element of a CUDA destination of another dtype, which is converted on the host
+    into the buffer and then copied as it is (0 for the others). torch's own copy_ from the
+    CPU converts there too, with a temporary of its own; fst converts into memory it has."""
+    return w.dest.element_size() if w.dest.device.type == "cuda" and w.dest.dtype != w.dtype else 0
+
+
+def _groups(writes: list[_Write], capacity: int) -> Iterator[list[tuple[_Write, torch.Tensor, int, int, int]]]:
+    """Groups of (write, piece, index of its first element, place of its file bytes in the
+    buffer, place of its converted bytes or -1) that fit in `capacity` bytes."""
     group, used = [], 0
     for w in writes:
-        size = w.dtype.itemsize
-        for piece, first in _pieces(w.dest, 0, max(1, capacity // size)):
-            nbytes = piece.numel() * size
-            at = -(-used // _ALIGN) * _ALIGN
-            if group and at + nbytes > capacity:
+        size, converted = w.dtype.itemsize, _converted_on_host(w)
+        # A piece alone always fits: its two parts, and the alignment between them.
+        limit = max(1, (capacity - _ALIGN) // (size + converted))
+        for piece, first in _pieces(w.dest, 0, limit):
+            n = piece.numel()
+            for start in (_align(used), 0):
+                at = start
+                conv_at = _align(at + n * size) if converted else -1
+                end = conv_at + n * converted if converted else at + n * size
+                if end <= capacity or not group:
+                    break
                 yield group
-                group, at = [], 0
-            group.append((w, piece, first, at))
-            used = at + nbytes
+                group = []
+            group.append((w, piece, first, at, conv_at))
+            used = end
     if group:
         yield group
 
@@ -269,16 +287,26 @@ def _fst_converts(src: torch.dtype, dst: torch.dtype) -> bool:
     return None not in names and _core.conversion_supported(*names)
 
 
+def _convert(src: torch.Tensor, out: torch.Tensor, mode: str) -> None:
+    """Contiguous flat host tensors: src's elements converted into out, as torch's .to() does."""
+    if _fst_converts(src.dtype, out.dtype):
+        _core.convert(src.view(torch.uint8).numpy(), _FORMAT_NAME[src.dtype], _FORMAT_NAME[out.dtype],
+                      out=out.view(torch.uint8).numpy(), mode=mode)
+    else:
+        out.copy_(src)
+
+
 def _read_bounced(ckpt, writes: list[_Write], budget: int, threads: int, callback, done: int, total: int) -> int:
     """Read `writes` through one bounce buffer of at most `budget` bytes (two halves, pinned,
     when some destination is on a GPU: one half is read into while the other's copies run).
     Returns the buffer's size."""
-    need = sum(w.dest.numel() * w.dtype.itemsize for w in writes)
-    if need == 0:
+    if not writes:
         return 0
+    cost = [w.dtype.itemsize + _converted_on_host(w) for w in writes]
+    need = sum(w.dest.numel() * c + 2 * _ALIGN for w, c in zip(writes, cost))  # everything in one group
     on_gpu = any(w.dest.device.type == "cuda" for w in writes)
     halves = 2 if on_gpu and need > budget // 2 else 1
-    capacity = max(min(need, budget // halves), max(w.dtype.itemsize for w in writes))
+    capacity = max(min(need, budget // halves), max(cost) + 2 * _ALIGN)
     buffers = [torch.empty(capacity, dtype=torch.uint8, pin_memory=on_gpu) for _ in range(halves)]
     pending: list[list[torch.cuda.Event]] = [[] for _ in range(halves)]
     mode = conversion_mode()
@@ -288,21 +316,25 @@ def _read_bounced(ckpt, writes: list[_Write], budget: int, threads: int, callbac
             event.synchronize()
         base = buf.data_ptr()
         rows = np.array([(w.file, w.offset + first * w.dtype.itemsize, piece.numel() * w.dtype.itemsize, base + at)
-                         for w, piece, first, at in group], dtype=np.uint64)
+                         for w, piece, first, at, _ in group], dtype=np.uint64)
         offset = done
         done += ckpt.read_into(rows, threads=threads,
                                progress=None if callback is None else (lambda d, _t: callback(offset + d, total)))
         devices = set()
-        for w, piece, _first, at in group:
-            src = buf[at:at + piece.numel() * w.dtype.itemsize].view(w.dtype).view(piece.shape)
+        for w, piece, _first, at, conv_at in group:
+            n = piece.numel()
+            src = buf[at:at + n * w.dtype.itemsize].view(w.dtype)
             if piece.device.type == "cuda":
-                piece.copy_(src, non_blocking=True)
+                if conv_at >= 0:
+                    out = buf[conv_at:conv_at + n * piece.element_size()].view(piece.dtype)
+                    _convert(src, out, mode)
+                    src = out
+                # On the current stream: after what the caller queued, before what it queues next.
+                piece.copy_(src.view(piece.shape), non_blocking=True)
                 devices.add(piece.device)
-            elif piece.dtype != w.dtype and piece.is_contiguous() and _fst_converts(w.dtype, piece.dtype):
-                _core.convert(src.view(torch.uint8).reshape(-1).numpy(), _FORMAT_NAME[w.dtype],
-                              _FORMAT_NAME[piece.dtype], mode=mode,
-                              out=piece.detach().view(torch.uint8).reshape(-1).numpy())
+            elif piece.dtype != w.dtype and piece.is_contiguous():
+                _convert(src, piece.detach().view(-1), mode)
             else:
-                piece.copy_(src)
+                piece.copy_(src.view(piece.shape))
         pending[k % halves] = [torch.cuda.current_stream(d).record_event() for d in devices]
     return capacity * halves
