@@ -297,17 +297,22 @@ def _convert(src: torch.Tensor, out: torch.Tensor, mode: str) -> None:
 
 
 def _read_bounced(ckpt, writes: list[_Write], budget: int, threads: int, callback, done: int, total: int) -> int:
-    """Read `writes` through one bounce buffer of at most `budget` bytes (two halves, pinned,
-    when some destination is on a GPU: one half is read into while the other's copies run).
-    Returns the buffer's size."""
+    """Read `writes` through one bounce buffer of at most `budget` bytes (two, pinned, when
+    some destination is on a GPU: one is read into while the other's copies run). Returns the
+    bytes of the buffers."""
     if not writes:
         return 0
     cost = [w.dtype.itemsize + _converted_on_host(w) for w in writes]
     need = sum(w.dest.numel() * c + 2 * _ALIGN for w, c in zip(writes, cost))  # everything in one group
     on_gpu = any(w.dest.device.type == "cuda" for w in writes)
     halves = 2 if on_gpu and need > budget // 2 else 1
-    capacity = max(min(need, budget // halves), max(cost) + 2 * _ALIGN)
+    # A buffer of $FST_STAGING_BUFFER (16 MiB) reused is faster than one of the whole budget
+    # used once: its pages are faulted in once, and what was read is still in the CPU's cache
+    # when it is converted.
+    capacity = max(min(need, budget // halves, _settings.staging_buffer()), max(cost) + 2 * _ALIGN)
     buffers = [torch.empty(capacity, dtype=torch.uint8, pin_memory=on_gpu) for _ in range(halves)]
+    # Requests small enough that every reader has some of a group.
+    max_request = max(256 << 10, capacity // (2 * (threads or _core.default_threads())))
     pending: list[list[torch.cuda.Event]] = [[] for _ in range(halves)]
     mode = conversion_mode()
     for k, group in enumerate(_groups(writes, capacity)):
@@ -318,7 +323,7 @@ def _read_bounced(ckpt, writes: list[_Write], budget: int, threads: int, callbac
         rows = np.array([(w.file, w.offset + first * w.dtype.itemsize, piece.numel() * w.dtype.itemsize, base + at)
                          for w, piece, first, at, _ in group], dtype=np.uint64)
         offset = done
-        done += ckpt.read_into(rows, threads=threads,
+        done += ckpt.read_into(rows, threads=threads, max_request=max_request,
                                progress=None if callback is None else (lambda d, _t: callback(offset + d, total)))
         devices = set()
         for w, piece, _first, at, conv_at in group:
