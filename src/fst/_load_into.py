@@ -6,9 +6,10 @@ Each destination takes one of two routes:
 - **direct**: a contiguous CPU destination of the file's dtype receives the file's bytes at its
   own address (``Checkpoint.read_into``, one call for all of them): no copy, no extra memory.
 - **bounce**: everything else (another dtype, a non-contiguous view, a CUDA tensor) is read in
-  groups into one host buffer of at most ``budget`` bytes (pinned when a destination is on a
-  GPU), then converted or copied into the destination piece by piece. A tensor larger than the
-  buffer is cut into pieces of whole rows (or, for a contiguous one, element ranges).
+  groups into a host buffer of at most ``budget`` bytes and $FST_STAGING_BUFFER (two, pinned,
+  when a destination is on a GPU), then converted or copied into the destination piece by
+  piece. A tensor larger than the buffer is cut into pieces of whole rows (or, for a
+  contiguous one, element ranges).
 
 Conversions follow torch's own ``Tensor.to()``, as ``load_state_dict`` does: on the CPU with
 fst's converter (bit-identical to the installed torch) where it has the pair and the piece is

@@ -36,9 +36,10 @@ def load_into(
     each one's autograd version counter moves on, as an in-place ``copy_`` moves it.
 
     Memory: a contiguous CPU destination of the file's dtype is read into directly; the others
-    go through one host buffer of at most `budget` bytes (default $FST_STAGING_BUDGET, 256 MiB),
-    pinned when a destination is on a GPU. CUDA copies run on torch's current stream of their
-    device: after the work queued there before the call, and before the work queued after it.
+    go through a reused host buffer (two, pinned, when a destination is on a GPU) of together at
+    most `budget` bytes (default $FST_STAGING_BUDGET, 256 MiB), each at most
+    $FST_STAGING_BUFFER (16 MiB). CUDA copies run on torch's current stream of their device:
+    after the work queued there before the call, and before the work queued after it.
 
     Returns (missing, unexpected) names, like ``load_state_dict``. Every shape is checked before
     anything is written, and a mismatch raises RuntimeError even with ``strict=False``; with
