@@ -124,7 +124,8 @@ def load_into(
             buffer_bytes = _read_bounced(ckpt, bounced, budget, threads, callback, done, total)
             # Direct reads and host conversions write through the tensors' addresses, which
             # autograd does not see: mark every destination modified in place, as copy_ would.
-            torch.autograd.graph.increment_version([w.dest for w in writes])
+            for w in writes:  # one at a time: torch before 2.5 takes no list
+                torch.autograd.graph.increment_version(w.dest)
     finally:
         close()
     record_stats({"backend": "pread", "tensors": len(writes), "unindexed": ckpt.unindexed(), "bytes": total,
@@ -156,7 +157,10 @@ def _refuse_unwritable(name: str, dest: Any) -> None:
         raise TypeError(f"destination {name!r} is a {type(dest).__name__}, not a torch tensor")
     if type(dest) not in (torch.Tensor, torch.nn.Parameter):
         if torch.distributed.is_available():
-            from torch.distributed.tensor import DTensor
+            try:
+                from torch.distributed.tensor import DTensor
+            except ImportError:  # torch before 2.4
+                from torch.distributed._tensor import DTensor
 
             if isinstance(dest, DTensor):
                 raise UnsupportedError(f"destination {name!r} is a DTensor: load_into writes whole local "
