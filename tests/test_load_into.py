@@ -251,6 +251,28 @@ def test_a_shape_mismatch_raises_before_any_write(tmp_path, strict):
     assert_same_state(got.state_dict(), before)
 
 
+def test_a_conversion_torch_cannot_do_is_refused_before_any_write(tmp_path):
+    if not hasattr(torch, "float4_e2m1fn_x2"):
+        pytest.skip("torch without float4_e2m1fn_x2")
+    path = save(tmp_path / "m.safetensors", {"a": torch.ones(3), "b": torch.ones(2, 4)})
+    state = {"a": torch.zeros(3), "b": torch.zeros(2, 4, dtype=torch.uint8).view(torch.float4_e2m1fn_x2)}
+    with pytest.raises(UnsupportedError, match="'b': torch does not convert torch.float32"):
+        fst.torch.load_into(state, path)
+    assert same(state["a"], torch.zeros(3))
+
+
+def test_a_checkpoint_of_several_files(tmp_path):
+    save(tmp_path / "model-00001-of-00002.safetensors", {"0.weight": values(torch.float32, (6, 8), 0),
+                                                         "0.bias": values(torch.float32, (6,), 1)})
+    save(tmp_path / "model-00002-of-00002.safetensors", {"1.weight": values(torch.float32, (4, 6), 2),
+                                                         "1.bias": values(torch.float32, (4,), 3)})
+    got, want = two_layers(), two_layers()
+    assert fst.torch.load_into(got, tmp_path) == ([], [])
+    for f in sorted(tmp_path.glob("*.safetensors")):
+        want.load_state_dict(safetensors.torch.load_file(str(f)), strict=False)
+    assert_same_state(got.state_dict(), want.state_dict())
+
+
 def test_meta_tensors_are_refused_with_a_pointer_to_dcp(tmp_path):
     path = save(tmp_path / "m.safetensors", {"weight": torch.ones(2, 3), "bias": torch.ones(2)})
     with torch.device("meta"):
