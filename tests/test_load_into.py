@@ -273,6 +273,17 @@ def test_a_checkpoint_of_several_files(tmp_path):
     assert_same_state(got.state_dict(), want.state_dict())
 
 
+def test_lazily_conjugated_and_sparse_destinations(tmp_path):
+    path = save(tmp_path / "m.safetensors", {"c": torch.randn(5, dtype=torch.complex64), "s": torch.ones(2, 2)})
+    got = {"c": torch.zeros(5, dtype=torch.complex64).conj()}  # its memory holds the conjugate
+    want = {"c": torch.zeros(5, dtype=torch.complex64).conj()}
+    fst.torch.load_into(got, path, strict=False)
+    want["c"].copy_(safetensors.torch.load_file(str(path))["c"])
+    assert got["c"].is_conj() and same(got["c"].resolve_conj(), want["c"].resolve_conj())
+    with pytest.raises(UnsupportedError, match="'s' is a torch.sparse_coo tensor"):
+        fst.torch.load_into({"s": torch.eye(2).to_sparse()}, path, keys="s")
+
+
 def test_meta_tensors_are_refused_with_a_pointer_to_dcp(tmp_path):
     path = save(tmp_path / "m.safetensors", {"weight": torch.ones(2, 3), "bias": torch.ones(2)})
     with torch.device("meta"):

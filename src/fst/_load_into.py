@@ -168,6 +168,9 @@ def _refuse_unwritable(name: str, dest: Any) -> None:
         if torch.nn.parameter.is_lazy(dest):
             raise UnsupportedError(f"destination {name!r} is an uninitialized lazy parameter: run the "
                                    f"module once (or materialize it) before loading into it")
+    if dest.layout != torch.strided or dest.is_quantized:
+        raise UnsupportedError(f"destination {name!r} is a {dest.layout} tensor"
+                               f"{' (quantized)' if dest.is_quantized else ''}: load_into writes dense tensors")
     if dest.device.type == "meta":
         raise UnsupportedError(f"destination {name!r} is a meta tensor, which has no memory to write into: "
                                f"materialize the model first (e.g. module.to_empty(device=...)), or {_DCP_HINT}")
@@ -218,8 +221,13 @@ def _distinct(writes: list[_Write]) -> list[_Write]:
     return list(last.values())
 
 
+def _raw(t: torch.Tensor) -> bool:
+    """Whether t's memory holds its values as they are (no lazy conjugation or negation)."""
+    return not (t.is_conj() or t.is_neg())
+
+
 def _is_direct(w: _Write) -> bool:
-    return w.dest.device.type == "cpu" and w.dest.dtype == w.dtype and w.dest.is_contiguous()
+    return w.dest.device.type == "cpu" and w.dest.dtype == w.dtype and w.dest.is_contiguous() and _raw(w.dest)
 
 
 def _read_direct(ckpt, writes: list[_Write], threads: int, callback, total: int) -> int:
@@ -342,7 +350,7 @@ def _read_bounced(ckpt, writes: list[_Write], budget: int, threads: int, callbac
                 # On the current stream: after what the caller queued, before what it queues next.
                 piece.copy_(src.view(piece.shape), non_blocking=True)
                 devices.add(piece.device)
-            elif piece.dtype != w.dtype and piece.is_contiguous():
+            elif piece.dtype != w.dtype and piece.is_contiguous() and _raw(piece):
                 _convert(src, piece.detach().view(-1), mode)
             else:
                 piece.copy_(src.view(piece.shape))
