@@ -73,7 +73,7 @@ def load_into(
     if isinstance(target, torch.nn.Module):
         state, owner = target.state_dict(keep_vars=True), type(target).__name__
     elif isinstance(target, Mapping):
-        state, owner = dict(target), "state_dict"
+        state, owner = dict(target), type(target).__name__
     else:
         raise TypeError(f"load_into writes into a torch.nn.Module or a state dict, not {type(target).__name__}")
 
@@ -89,7 +89,7 @@ def load_into(
         if name not in entries:
             continue
         _refuse_unwritable(name, dest)
-        _, fmt, shape, begin, end, file, offset = entries[name]
+        _, fmt, shape, _begin, _end, file, offset = entries[name]
         dtype = _TORCH_DTYPE.get(fmt)
         if dtype is None:
             raise UnsupportedError(f"tensor {name!r}: torch has no dtype for {fmt}")
@@ -201,7 +201,7 @@ def _view_key(t: torch.Tensor) -> tuple:
     """What makes two tensors the same memory seen the same way (tied weights); for a tensor
     without an address of its own (meta, a wrapper subclass), the object itself."""
     if t.device.type != "meta" and type(t) in (torch.Tensor, torch.nn.Parameter):
-        return (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+        return (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride(), t.is_conj(), t.is_neg())
     return ("object", id(t))
 
 
