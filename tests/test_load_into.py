@@ -380,6 +380,42 @@ def test_peak_memory_is_bounded_by_the_budget_not_the_model(tmp_path):
     assert extra_mib <= 1 + 16, f"peak RSS rose by {extra_mib} MiB for a 64 MiB checkpoint and a 1 MiB budget"
 
 
+@pytest.mark.parametrize("host_conversion", [False, True], ids=["copied", "converted-on-host"])
+@pytest.mark.parametrize("capacity", [200, 1000, 1 << 20])
+def test_groups_fit_the_buffer_and_cover_every_element_once(monkeypatch, capacity, host_conversion):
+    """The plan of the buffered route, on its own: every group fits in the buffer without two
+    pieces overlapping there, and the pieces of each destination (a view each) cover each of
+    its elements once, at the element's place in the file's row-major order. With
+    host_conversion, as for a CUDA destination of another dtype: room for the converted bytes."""
+    if host_conversion:
+        monkeypatch.setattr(_load_into, "_converted_on_host", lambda w: w.dest.element_size())
+    dests = [torch.zeros(7, 300, dtype=torch.float64).t(),  # rows larger than the buffer
+             torch.zeros(40, 3, 5, dtype=torch.float64)[:, 1],  # rows that fit
+             torch.zeros(1000, dtype=torch.float64)[::3],
+             torch.zeros((), dtype=torch.float64),
+             torch.zeros(0, 5, dtype=torch.float64),
+             torch.zeros(123, dtype=torch.float64)]
+    writes = [_load_into._Write(f"d{i}", d, 0, 0, torch.float32) for i, d in enumerate(dests)]
+    for group in _load_into._groups(writes, capacity):
+        spans = []
+        for w, piece, first, at, conv_at in group:
+            n = piece.numel()
+            spans.append((at, at + 4 * n))
+            if host_conversion:
+                assert conv_at >= at + 4 * n and conv_at % 64 == 0
+                spans.append((conv_at, conv_at + 8 * n))
+            else:
+                assert conv_at == -1
+            assert at % 64 == 0
+            # Added, not copied: an element covered twice would hold twice its number.
+            piece.add_(torch.arange(first + 1, first + n + 1, dtype=torch.float64).view(piece.shape))
+        spans.sort()
+        assert spans[-1][1] <= capacity
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+    for d in dests:
+        assert torch.equal(d, torch.arange(1, d.numel() + 1, dtype=torch.float64).view(d.shape))
+
+
 def test_progress_ends_at_the_total(tmp_path):
     path = save(tmp_path / "m.safetensors", {"a": torch.ones(1000), "b": torch.ones(10, 10).double()})
     calls = []
