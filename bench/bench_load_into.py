@@ -36,7 +36,8 @@ CHILD = textwrap.dedent("""
     import json, sys, time
     import torch
 
-    loader, path, dtype, count, budget = sys.argv[1], sys.argv[2], getattr(torch, sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+    loader, path, dtype, count, budget = sys.argv[1:6]
+    dtype, count = getattr(torch, dtype), int(count)
     budget = None if budget == "default" else int(budget)
 
     def kib(field):
@@ -101,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="2GiB", help="checkpoint size (BF16), at least 1 GiB for the issue's target")
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--budget", default="default", help="fst's budget in bytes (default: $FST_STAGING_BUDGET or 256 MiB)")
+    ap.add_argument("--budget", default="default",
+                    help="fst's budget in bytes (default: $FST_STAGING_BUDGET or 256 MiB)")
     ap.add_argument("--cases", default="same,convert")
     ap.add_argument("--dir", default=None, help="where to write the checkpoint (default: the temp dir)")
     ap.add_argument("--out", default=None, help="write the results as JSON here too")
