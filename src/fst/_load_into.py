@@ -21,6 +21,7 @@ work already queued there and whatever the caller queues next runs after them.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -115,8 +116,9 @@ def load_into(
     started = time.perf_counter()
     total = sum(w.dest.numel() * w.dtype.itemsize for w in writes)
     callback, close = make_progress(progress, total, "fst load_into")
-    direct = [w for w in writes if _is_direct(w)]
-    bounced = [w for w in writes if not _is_direct(w)]
+    direct, bounced = [], []
+    for w in writes:
+        (direct if _is_direct(w) else bounced).append(w)
     threads = _settings.threads(None)
     try:
         with torch.no_grad():
@@ -295,6 +297,7 @@ def _groups(writes: list[_Write], capacity: int) -> Iterator[list[tuple[_Write, 
         yield group
 
 
+@functools.cache
 def _fst_converts(src: torch.dtype, dst: torch.dtype) -> bool:
     names = _FORMAT_NAME.get(src), _FORMAT_NAME.get(dst)
     return None not in names and _core.conversion_supported(*names)
