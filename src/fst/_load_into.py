@@ -34,15 +34,12 @@ from . import _core, _settings
 from ._loading import Keys, key_patterns, open_checkpoint, record_stats
 from ._paths import PathArg
 from ._progress import Progress, make_progress
-from .adapters.torch import _CAST_TO, conversion_mode
+from .adapters.torch import TORCH_DTYPES, conversion_mode
 from .errors import UnsupportedError
 
-# The file's dtype as torch holds it. F4 is two values a byte: torch's float4_e2m1fn_x2, whose
-# last dimension is half the file's (as fst.load and safetensors give it).
-_TORCH_DTYPE: dict[str, torch.dtype] = dict(_CAST_TO)
-for _name, _attr in (("F4", "float4_e2m1fn_x2"), ("F8_E8M0", "float8_e8m0fnu"), ("C64", "complex64")):
-    if hasattr(torch, _attr):
-        _TORCH_DTYPE[_name] = getattr(torch, _attr)
+# The file's dtype as torch holds it (the torch adapter's table). F4 is two values a byte:
+# torch's float4_e2m1fn_x2, whose last dimension is half the file's (as fst.load gives it).
+_TORCH_DTYPE: dict[str, torch.dtype] = TORCH_DTYPES
 _FORMAT_NAME: dict[torch.dtype, str] = {d: n for n, d in _TORCH_DTYPE.items()}
 
 _ALIGN = 64  # each piece's place in the bounce buffer, so that any dtype may view it
