@@ -28,7 +28,7 @@ def checkpoint_info(path: str, limit: Optional[int] = None) -> dict[str, Any]:
     """Everything `fst info` shows, as plain data; `limit` caps the tensors listed (None: all)."""
     ckpt = open_checkpoint(path)
     files = list(ckpt.files)
-    entries = sorted(ckpt.entries(), key=lambda e: (e[5], e[6]))
+    entries = sorted(ckpt.entries(), key=lambda e: (e.file, e.offset))
     per_file = [{"tensors": 0, "nbytes": 0} for _ in files]
     dtypes: dict[str, dict[str, int]] = {}
     aligns: dict[int, int] = {}

@@ -76,7 +76,7 @@ def load_into(
         raise TypeError(f"load_into writes into a torch.nn.Module or a state dict, not {type(target).__name__}")
 
     ckpt = open_checkpoint(path)
-    entries = {e[0]: e for e in ckpt.entries()}
+    entries = {e.name: e for e in ckpt.entries()}
     if patterns is not None:
         chosen = _matcher(patterns, entries, state)
         entries = {n: e for n, e in entries.items() if chosen(n)}

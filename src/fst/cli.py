@@ -287,7 +287,7 @@ def demo(
             typer.echo('reference: none (safetensors is not installed: pip install safetensors); bits not compared')
         rows = []
         failures = 0
-        smallest = min(fst.open_checkpoint(ck.path).entries(), key=lambda e: e[4] - e[3])[0]
+        smallest = min(fst.open_checkpoint(ck.path).entries(), key=lambda e: e.end - e.begin).name
         for framework in (fw for fw in bm.FRAMEWORKS if fw not in skipped):
             fst.load(ck.path, framework=framework, keys=[smallest])  # start the framework up, untimed
             # Timed until every page has been read once: zero-copy views cost their page-ins

@@ -5,22 +5,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 from .._loading import record_stats
 from .plan import Plan
-
-
-class HeaderEntry(NamedTuple):
-    """One tensor of the checkpoint's headers, as Checkpoint.entries() lists them."""
-
-    name: str
-    dtype: str
-    shape: tuple
-    begin: int              # data offsets within its file's data section
-    end: int
-    file: int               # index of its file in the checkpoint
-    offset: int             # absolute offset of its first byte in that file
 
 
 def now() -> float:
@@ -32,7 +20,7 @@ class LoadContext:
     torch: Any
     plan: Plan
     ckpt: Any               # the checkpoint the plan was made from (its parsed versions)
-    entries: list           # the checkpoint's entries of the planned tensors, in plan order
+    entries: list           # the checkpoint's TensorRecords of the planned tensors, in plan order
     rank: int
     world_size: int
     target: Any             # the torch device the tensors are given out on

@@ -12,7 +12,7 @@ from ..adapters import get_adapter
 from ..errors import UnsupportedError
 from .agreement import Agreement, locality
 from .assembly import TensorAssembler, torch_element_size
-from .context import HeaderEntry, LoadContext, now
+from .context import LoadContext, now
 from .plan import ShardRules, make_plan
 from .reads import RowReader
 from .strategies.collective import CollectiveStrategy
@@ -111,7 +111,7 @@ class RankLoad:
             strategy = _settings.distributed_strategy()
             target, comm_device = _devices(torch, device, group_backend)
             ckpt = open_checkpoint(path, threads)
-            entries = [HeaderEntry(*e) for e in ckpt.entries()]
+            entries = ckpt.entries()  # TensorRecords: name, dtype, shape, ..., file, offset
             selection = ckpt.select(keys)  # None: every tensor, checked present
             if keys is not None:
                 chosen = set(selection.names())
