@@ -52,7 +52,11 @@ def child(model: str, load_format: str, extra: str, out: str) -> None:
     kwargs = {} if load_format == "default" else {"load_format": load_format}
     if extra:
         kwargs["model_loader_extra_config"] = json.loads(extra)
-    llm = LLM(model=model, runner="pooling", dtype="float32", enforce_eager=True, **kwargs)
+    # On the CPU backend this fraction is of the machine's memory, checked free at start-up:
+    # a small model needs little, and CI machines run other things.
+    memory = float(os.environ.get("FST_VLLM_CHECK_MEMORY", "0.1"))
+    llm = LLM(model=model, runner="pooling", dtype="float32", enforce_eager=True,
+              gpu_memory_utilization=memory, **kwargs)
     import numpy as np
 
     outputs = llm.embed(PROMPTS, use_tqdm=False)
@@ -115,7 +119,7 @@ def main() -> int:
         check(default["rc"] == 0 and default["embeddings"] is not None, "default loader runs", default["log"])
         ours = run("fst", model, "fst", work, {"budget": 16 << 20})
         check(ours["rc"] == 0 and ours["embeddings"] is not None, "load_format='fst' runs", ours["log"])
-        check(ours["embeddings"] is not None and ours["embeddings"] == default["embeddings"],
+        check(None is not ours["embeddings"] == default["embeddings"] is not None,
               "embeddings equal the default loader's bit for bit")
 
         lines = STATS.findall(ours["log"])
@@ -137,7 +141,8 @@ def main() -> int:
         binary = run("fst-pytorch-bin", bin_copy(model, work), "fst", work)
         check(binary["rc"] == 0 and not STATS.search(binary["log"]),
               "pytorch_model.bin loads through the default loader's code", binary["log"])
-        check(binary["embeddings"] == default["embeddings"], "its embeddings equal the default loader's")
+        check(None is not binary["embeddings"] == default["embeddings"] is not None,
+              "its embeddings equal the default loader's")
 
     total = sum(r["seconds"] for r in (default, ours, bad, binary))
     if failures:
