@@ -8,3 +8,8 @@ Modules: ``plugin`` (the entry point: version check and registration, never rais
 module that imports vLLM at import time) and ``weights`` (fst's options and the weights
 iterator, free of vLLM). Importing this package imports neither vLLM nor torch.
 """
+
+LOAD_FORMAT = "fst"
+# Under vLLM's "vllm" logger, whose handler and level vLLM configures in each of its processes:
+# a logger outside it would drop the INFO lines.
+LOGGER_NAME = "vllm.fst"

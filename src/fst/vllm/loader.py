@@ -21,7 +21,7 @@ from vllm.model_executor.model_loader.weight_utils import (
     filter_safetensors_files_by_weight_name,
 )
 
-from .plugin import LOAD_FORMAT, LOGGER_NAME
+from . import LOAD_FORMAT, LOGGER_NAME
 from .weights import FstOptions, iter_weights, progress_bar, split_extra_config, stats_line
 
 logger = logging.getLogger(LOGGER_NAME)

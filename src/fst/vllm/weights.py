@@ -91,7 +91,8 @@ def iter_weights(files: list[str], *, options: FstOptions = FstOptions(), device
     if skip is not None:
         # Selected by exact name: the core never reads a dropped expert's bytes.
         keys = [n for n in open_checkpoint(files, options.threads).select(None).names() if not skip(n)]
-    collective = keys is None and group is not None and _world_size(group) > 1
+    rank, world_size = _rank_of(group)
+    collective = keys is None and world_size > 1
     totals: dict[str, Any] = {}
     try:
         if collective:
@@ -110,7 +111,7 @@ def iter_weights(files: list[str], *, options: FstOptions = FstOptions(), device
             # there is none, and vLLM sizes its cache by the memory left.
             release_staging()
     if on_done is not None:
-        on_done(_summary(totals, collective, len(files), time.perf_counter() - started))
+        on_done(_summary(totals, len(files), rank, world_size, time.perf_counter() - started))
 
 
 def _plain_stream(files: list[str], keys: Optional[list[str]], device: Any, options: FstOptions,
@@ -128,10 +129,13 @@ def _plain_stream(files: list[str], keys: Optional[list[str]], device: Any, opti
                    progress if progress is not None else False, selection.nbytes)
 
 
-def _world_size(group: Any) -> int:
+def _rank_of(group: Any) -> tuple[int, int]:
+    """(rank, world size) in `group`; (0, 1) without one."""
+    if group is None:
+        return 0, 1
     import torch.distributed as dist
 
-    return dist.get_world_size(group)
+    return dist.get_rank(group), dist.get_world_size(group)
 
 
 def _is_cuda(device: Any) -> bool:
@@ -153,14 +157,12 @@ def _add(totals: dict[str, Any], stats: Optional[dict], collective: bool) -> Non
     totals["_last"] = stats
 
 
-def _summary(totals: dict[str, Any], collective: bool, files: int, wall: float) -> dict[str, Any]:
+def _summary(totals: dict[str, Any], files: int, rank: int, world_size: int, wall: float) -> dict[str, Any]:
     out = {k: v for k, v in totals.items() if k != "_last"}
-    out.setdefault("tensors", 0)
-    out.setdefault("bytes", 0)
-    out.setdefault("bytes_read", 0)
-    out["strategy"] = out.get("strategy") or "plain"
-    out.setdefault("rank", 0)
-    out.setdefault("world_size", 1)
+    for key in ("tensors", "bytes", "bytes_read"):
+        out.setdefault(key, 0)
+    out["strategy"] = out.get("strategy") or "plain"  # plain: this rank read what it yields
+    out["rank"], out["world_size"] = rank, world_size
     out["files"] = files
     out["wall_seconds"] = wall
     return out
