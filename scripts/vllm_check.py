@@ -10,7 +10,10 @@ its own (a vLLM engine per process), and checks that:
 2. the worker logs fst's stats line, whose tensor and byte counts are the checkpoint's;
 3. an invalid fst option in ``model_loader_extra_config`` makes the load fail, naming it;
 4. a checkpoint that is not safetensors (``pytorch_model.bin``) loads through the default
-   loader's code with ``load_format="fst"``, with the same embeddings.
+   loader's code with ``load_format="fst"``, with the same embeddings;
+5. with ``--ranks 2`` (not run by CI, to keep its time down): two tensor-parallel CPU ranks
+   (gloo) load through fst's collective path, give the default loader's embeddings at the same
+   rank count bit for bit, and read the checkpoint's bytes once across the ranks.
 
 Exits non-zero on any failure. Not part of pytest: vLLM is a multi-GB install of its own.
 """
@@ -56,7 +59,8 @@ def child(model: str, load_format: str, extra: str, out: str) -> None:
     # a small model needs little, and CI machines run other things.
     memory = float(os.environ.get("FST_VLLM_CHECK_MEMORY", "0.1"))
     llm = LLM(model=model, runner="pooling", dtype="float32", enforce_eager=True,
-              gpu_memory_utilization=memory, **kwargs)
+              gpu_memory_utilization=memory, tensor_parallel_size=int(os.environ.get("FST_VLLM_CHECK_TP", "1")),
+              **kwargs)
     import numpy as np
 
     outputs = llm.embed(PROMPTS, use_tqdm=False)
@@ -65,11 +69,15 @@ def child(model: str, load_format: str, extra: str, out: str) -> None:
     Path(out).write_text(json.dumps(hexes))
 
 
-def start(name: str, model: Path, load_format: str, work: Path, extra: dict | None = None) -> dict:
+def start(name: str, model: Path, load_format: str, work: Path, extra: dict | None = None, ranks: int = 1) -> dict:
     """Start one engine in a subprocess of its own."""
     cmd = [sys.executable, __file__, "--child", str(model), load_format, json.dumps(extra) if extra else "",
            str(work / f"{name}.json")]
-    env = dict(os.environ, VLLM_LOGGING_LEVEL="INFO", TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, VLLM_LOGGING_LEVEL="INFO", TOKENIZERS_PARALLELISM="false", FST_VLLM_CHECK_TP=str(ranks))
+    if ranks > 1:
+        # Ranks on one machine would share its page cache; the collective path is the one
+        # ranks on several machines take. Threads unbound: CI machines may have few cores.
+        env.update(FST_DISTRIBUTED="collective", VLLM_CPU_OMP_THREADS_BIND="nobind")
     log = open(work / f"{name}.log", "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     return {"name": name, "proc": proc, "log": log, "started": time.monotonic(), "work": work}
@@ -112,7 +120,24 @@ def bin_copy(model: Path, work: Path) -> Path:
     return folder
 
 
-def main() -> int:
+def check_ranks(model: Path, work: Path, ranks: int, check) -> None:
+    runs = [start(f"default-tp{ranks}", model, "auto", work, ranks=ranks),
+            start(f"fst-tp{ranks}", model, "fst", work, ranks=ranks)]
+    default, ours = (finish(r) for r in runs)
+    check(ours["rc"] == 0 and default["rc"] == 0, f"{ranks} ranks run", ours["log"] + default["log"])
+    check(None is not ours["embeddings"] == default["embeddings"] is not None,
+          f"{ranks} ranks: embeddings equal the default loader's at {ranks} ranks bit for bit")
+    lines = STATS.findall(ours["log"])
+    for line in lines:
+        print(f"    fst stats: {line}")
+    stats = [dict(item.split("=", 1) for item in line.split()) for line in lines]
+    _, nbytes = checkpoint_counts(model / "model.safetensors")
+    check(len(stats) == ranks and all(s["strategy"] == "collective" for s in stats)
+          and sum(int(s["bytes_read"]) for s in stats) == nbytes,
+          f"{ranks} ranks: collective, each of the {nbytes} bytes read once across the ranks")
+
+
+def main(ranks: int) -> int:
     began = time.monotonic()
     model = model_dir()
     failures: list[str] = []
@@ -159,6 +184,8 @@ def main() -> int:
         check(None is not binary["embeddings"] == default["embeddings"] is not None,
               "its embeddings equal the default loader's")
 
+        if ranks > 1:
+            check_ranks(model, work, ranks, check)
     total = time.monotonic() - began
     if failures:
         print(f"vllm check: {len(failures)} FAILED ({total:.0f} s): " + "; ".join(failures))
@@ -169,9 +196,10 @@ def main() -> int:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ranks", type=int, default=1, help="also check this many tensor-parallel ranks")
     parser.add_argument("--child", nargs=4, metavar=("MODEL", "FORMAT", "EXTRA", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(*args.child)
         sys.exit(0)
-    sys.exit(main())
+    sys.exit(main(args.ranks))
