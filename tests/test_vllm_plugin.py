@@ -277,6 +277,8 @@ def test_two_ranks_get_identical_tensors_each_byte_read_once(tmp_path, strategy)
         assert res["tensors"] == ref
         assert res["stats"]["world_size"] == 2 and res["stats"]["tensors"] == len(ref)
     assert [r["stats"]["rank"] for r in results] == [0, 1]
+    done, reported_total = results[0]["progress"][-1]
+    assert done == reported_total > 0 and results[1]["progress"] == []
     if strategy == "collective":
         # Ranks on different machines: each byte read from storage once across the ranks.
         assert all(r["stats"]["strategy"] == "collective" for r in results)
@@ -312,9 +314,11 @@ def _rank(scenario: str, rank: int, ws: int, port: int, tmp: Path, out: Path) ->
     files = sorted(str(p) for p in (tmp / "ckpt").glob("*.safetensors"))
     done: list = []
     skip = expert_filter({rank}) if scenario == "experts" else None
+    reports: list = []
+    progress = (lambda d, t: reports.append([d, t])) if rank == 0 else None  # one bar, on rank 0
     got = {n: digest(t) for n, t in iter_weights(files, options=FstOptions(budget=1500, backend="pread"),
-                                                   group=group, skip=skip, on_done=done.append)}
-    (out / f"{rank}.json").write_text(json.dumps({"tensors": got, "stats": done[0]}))
+                                                   group=group, skip=skip, progress=progress, on_done=done.append)}
+    (out / f"{rank}.json").write_text(json.dumps({"tensors": got, "stats": done[0], "progress": reports}))
     dist.barrier()
     dist.destroy_process_group()
 
