@@ -223,6 +223,16 @@ def test_one_rank_yields_every_tensor_bit_for_bit(tmp_path):
     assert "fst stats: tensors=8 bytes=%d bytes_read=%d files=2" % (total, total) in stats_line(stats)
 
 
+def test_stats_are_this_loads_only(tmp_path):
+    files = make_checkpoint(tmp_path / "ckpt")
+    import fst
+
+    fst.load(files[0], framework="torch")  # an earlier load on this thread
+    done: list = []
+    assert list(iter_weights(files, skip=lambda name: True, on_done=done.append)) == []
+    assert done[0]["tensors"] == 0 and done[0]["bytes"] == 0
+
+
 def test_expert_filter_reads_only_the_kept_tensors(tmp_path):
     files = make_checkpoint(tmp_path / "ckpt")
     ref = reference(files)

@@ -93,7 +93,8 @@ def iter_weights(files: list[str], *, options: FstOptions = FstOptions(), device
         keys = [n for n in open_checkpoint(files, options.threads).select(None).names() if not skip(n)]
     rank, world_size = _rank_of(group)
     collective = keys is None and world_size > 1
-    totals: dict[str, Any] = {}
+    # The stats of an earlier load on this thread are not this load's.
+    totals: dict[str, Any] = {"_last": last_load_stats()}
     try:
         if collective:
             stream = iter_tensors(files, framework="torch", device=device, process_group=group,
