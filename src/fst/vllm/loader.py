@@ -45,7 +45,9 @@ class FstModelLoader(DefaultModelLoader):
         hf_folder, files, use_safetensors, index_file = self._prepare_weights(
             source.model_or_path, source.subfolder, source.revision, source.fall_back_to_pt,
             source.allow_patterns_overrides)
-        # torchao checkpoints are rebuilt into tensor subclasses by the parent's iterator.
+        # torchao checkpoints are rebuilt into tensor subclasses by the parent's iterator. The
+        # parent prepares the files again (a local folder is listed twice; a download is
+        # already in the cache), which keeps its code path unchanged.
         if not use_safetensors or self.load_config.safetensors_load_strategy == "torchao":
             return super()._get_weights_iterator(source)
         # The parent's filters, in its order: shards that only hold the language model under
