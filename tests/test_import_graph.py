@@ -83,8 +83,10 @@ def test_no_import_cycle():
 
 
 # The command line and the benchmark use fst's public API, as a user's program would; so does
-# fst.torch (load_model, public API built on fst.load).
-API_USERS = ("fst.cli", "fst.__main__", "fst.benchmark")
+# fst.torch (load_model, public API built on fst.load), and so does the vLLM plugin (fst.vllm),
+# which also runs iter_tensors' plain stream itself (vLLM always initialises torch.distributed,
+# which sends iter_tensors down the distributed path).
+API_USERS = ("fst.cli", "fst.__main__", "fst.benchmark", "fst.vllm")
 
 
 def test_only_the_tools_import_the_package_or_the_api():
