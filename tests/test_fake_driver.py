@@ -16,7 +16,6 @@ nvcc's code generation, and real concurrency between streams and the copy engine
 
 from __future__ import annotations
 
-import shutil
 import sys
 
 import pytest

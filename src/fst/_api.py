@@ -6,7 +6,7 @@ from typing import Any, Iterator, Optional
 
 from . import _settings
 from ._dtypes import dtype_rules
-from ._loading import Keys, Planner, key_patterns, open_checkpoint, record_stats, start_load
+from ._loading import Keys, Planner, key_patterns, open_checkpoint, record_stats, start_load, stream_groups
 from ._paths import PathArg
 from ._progress import Progress, make_progress
 from .adapters import get_adapter
@@ -131,27 +131,4 @@ def iter_tensors(
     ckpt = open_checkpoint(path, threads)
     selection = ckpt.select(patterns).with_dtypes(*dtype_rules(dtype), mode=adapter.conversion_mode)
     groups = selection.split(budget)
-    return _stream(adapter, device, groups, backend, threads, progress, selection.nbytes)
-
-
-def _stream(adapter, device, groups, backend, threads, progress, total) -> Iterator[tuple[str, Any]]:
-    sinks: dict = {}  # the groups, read one after another, share their staging memory
-
-    def start(group):
-        return start_load(adapter, group, device, backend, threads, sinks)
-
-    callback, close = make_progress(progress, total, "fst stream")
-    done = 0
-    try:
-        pending = start(groups[0]) if groups else None
-        for k in range(len(groups)):
-            base = done
-            loaded = pending.wait(None if callback is None else (lambda d, _t: callback(base + d, total)))
-            done += groups[k].nbytes
-            # Read the next group while the caller consumes this one.
-            pending = start(groups[k + 1]) if k + 1 < len(groups) else None
-            record_stats(loaded.stats, adapter.name)
-            yield from adapter.export(loaded, device).items()
-            del loaded
-    finally:
-        close()
+    return stream_groups(adapter, device, groups, backend, threads, progress, selection.nbytes)

@@ -13,6 +13,7 @@ from typing import Any, Iterable, Iterator, Optional, Protocol, Union
 from . import _core, _runtime, _settings
 from ._dtypes import dtype_rules
 from ._paths import PathArg, resolve_checkpoint
+from ._progress import make_progress
 from .adapters import Adapter
 from .errors import CudaError, UnsupportedError
 
@@ -144,3 +145,30 @@ def start_load(adapter: Adapter, selection: _core.Selection, device: Any, backen
                                    alignment=GPU_ALIGNMENT, budget=_settings.pinned_budget(),
                                    buffer_bytes=request_bytes)
     return selection.start_staged(index, options, note=note, sink=sink)
+
+
+def stream_groups(adapter: Adapter, device: Any, groups: list[_core.Selection], backend: str, threads: int,
+                  progress: Any, total: int) -> Iterator[tuple[str, Any]]:
+    """Yield (name, tensor) of `groups` (a selection split by a budget) in order, reading the
+    next group while the caller holds the current one; `progress` as fst.load takes it, over
+    `total` bytes. What fst.iter_tensors runs for one process."""
+    sinks: dict = {}  # the groups, read one after another, share their staging memory
+
+    def start(group: _core.Selection) -> Any:
+        return start_load(adapter, group, device, backend, threads, sinks)
+
+    callback, close = make_progress(progress, total, "fst stream")
+    done = 0
+    try:
+        pending = start(groups[0]) if groups else None
+        for k in range(len(groups)):
+            base = done
+            loaded = pending.wait(None if callback is None else (lambda d, _t: callback(base + d, total)))
+            done += groups[k].nbytes
+            # Read the next group while the caller consumes this one.
+            pending = start(groups[k + 1]) if k + 1 < len(groups) else None
+            record_stats(loaded.stats, adapter.name)
+            yield from adapter.export(loaded, device).items()
+            del loaded
+    finally:
+        close()

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Optional
 
 from .. import _settings
-from .._api import _stream, iter_tensors
-from .._dtypes import dtype_rules
-from .._loading import last_load_stats, open_checkpoint
+from .._api import iter_tensors
+from .._loading import last_load_stats, open_checkpoint, stream_groups
 from .._runtime import release_staging
 from ..adapters import get_adapter
 
@@ -87,12 +86,8 @@ def iter_weights(files: list[str], *, options: FstOptions = FstOptions(), device
     `on_done` receives the load's stats once every tensor was yielded."""
     started = time.perf_counter()
     files = sorted((os.fspath(f) for f in files), key=natural_key)
-    keys = None
-    if skip is not None:
-        # Selected by exact name: the core never reads a dropped expert's bytes.
-        keys = [n for n in open_checkpoint(files, options.threads).select(None).names() if not skip(n)]
     rank, world_size = _rank_of(group)
-    collective = keys is None and world_size > 1
+    collective = skip is None and world_size > 1
     # The stats of an earlier load on this thread are not this load's.
     totals: dict[str, Any] = {"_last": last_load_stats()}
     try:
@@ -101,7 +96,7 @@ def iter_weights(files: list[str], *, options: FstOptions = FstOptions(), device
                                   backend=options.backend, threads=options.threads, budget=options.budget,
                                   progress=progress if progress is not None else False)
         else:
-            stream = _plain_stream(files, keys, device, options, progress)
+            stream = _plain_stream(files, skip, device, options, progress)
         for name, tensor in stream:
             _add(totals, last_load_stats(), collective)
             yield name, tensor
@@ -115,19 +110,22 @@ def iter_weights(files: list[str], *, options: FstOptions = FstOptions(), device
         on_done(_summary(totals, len(files), rank, world_size, time.perf_counter() - started))
 
 
-def _plain_stream(files: list[str], keys: Optional[list[str]], device: Any, options: FstOptions,
+def _plain_stream(files: list[str], skip: Skip, device: Any, options: FstOptions,
                   progress: ProgressFn) -> Iterator[tuple[str, Any]]:
-    """The load fst.iter_tensors runs without a process group. fst.iter_tensors itself takes
-    the distributed path whenever torch.distributed is initialised, which vLLM always does."""
+    """The load fst.iter_tensors runs without a process group (fst.iter_tensors itself takes
+    the distributed path whenever torch.distributed is initialised, which vLLM always does),
+    of the tensors `skip` keeps: selected by exact name, so a dropped expert's bytes are
+    never read."""
     _settings.check_environment()
     backend, threads = _settings.backend(options.backend), _settings.threads(options.threads)
     budget = _settings.staging_budget(options.budget)
     adapter = get_adapter("torch")
     adapter.check_device(device)
-    selection = open_checkpoint(files, threads).select(keys).with_dtypes(*dtype_rules(None),
-                                                                         mode=adapter.conversion_mode)
-    return _stream(adapter, device, selection.split(budget), backend, threads,
-                   progress if progress is not None else False, selection.nbytes)
+    ckpt = open_checkpoint(files, threads)
+    keys = None if skip is None else [n for n in ckpt.select(None).names() if not skip(n)]
+    selection = ckpt.select(keys)
+    return stream_groups(adapter, device, selection.split(budget), backend, threads,
+                         progress if progress is not None else False, selection.nbytes)
 
 
 def _rank_of(group: Any) -> tuple[int, int]:
