@@ -222,6 +222,79 @@ def test_loads_like_torchs_reader_on_every_rank(tmp_path, ws):
             assert io["fst"]["read_bytes"] > 0, (case, io)  # the cache was really dropped
 
 
+# ------------------------------------------------------------------ one process --
+
+
+def _load_both(path: Path, folder: Path, make, **reader_args) -> tuple[dict, dict]:
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    import fst.dcp
+
+    out = []
+    for reader in (fst.dcp.Reader(str(path), **reader_args), HuggingFaceStorageReader(str(folder))):
+        sd = make()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process"
+            dcp.load(sd, storage_reader=reader, no_dist=True)
+        out.append(sd)
+    return out[0], out[1]
+
+
+def test_a_small_budget_and_strided_destinations_stage_in_pieces(tmp_path):
+    """A 1 KiB budget cuts every tensor into pieces read over many read_into calls; transposed
+    and bf16 destinations go through the staging buffer and torch's copy_."""
+    import torch
+
+    make_checkpoints(tmp_path)
+    t = _tensors()
+
+    def make():
+        sd = {n: torch.zeros(v.shape[::-1], dtype=v.dtype).t() if v.dim() == 2 else torch.zeros_like(v)
+              for n, v in t.items()}
+        sd["embed"] = torch.zeros(37, 24, dtype=torch.bfloat16)
+        return sd
+
+    ours, theirs = _load_both(tmp_path / "multi", tmp_path / "multi", make, budget=1024)
+    assert not ours["o"].is_contiguous() and not ours["wide"].is_contiguous()
+    for n in t:
+        assert torch.equal(_bits(ours[n]), _bits(theirs[n])), n
+        assert torch.equal(ours[n], t[n].to(ours[n].dtype)), n
+
+
+def test_validate_checkpoint_id(tmp_path):
+    from fst.dcp import Reader
+
+    make_checkpoints(tmp_path)
+    assert Reader.validate_checkpoint_id(tmp_path / "single" / "model.safetensors")
+    assert Reader.validate_checkpoint_id(str(tmp_path / "multi"))
+    assert Reader.validate_checkpoint_id(tmp_path / "indexed" / "model.safetensors.index.json")
+    assert not Reader.validate_checkpoint_id(tmp_path / "missing.safetensors")
+    assert not Reader.validate_checkpoint_id(tmp_path / "nothing-here")
+    (tmp_path / "dcp-native").mkdir()
+    (tmp_path / "dcp-native" / ".metadata").write_bytes(b"")
+    assert not Reader.validate_checkpoint_id(tmp_path / "dcp-native")
+
+
+def test_a_dtype_torch_dcp_cannot_describe_is_named(tmp_path):
+    from checkpoints import write
+
+    from fst.dcp import Reader
+    from fst.errors import UnsupportedError
+
+    path = write(tmp_path / "f4.safetensors", [("ok", "F32", [2]), ("packed", "F4", [4, 8])])
+    with pytest.raises(UnsupportedError, match="'packed' is F4"):
+        Reader(path).read_metadata()
+
+
+def test_import_fst_dcp_ranges_imports_no_torch():
+    code = "import sys, fst, fst.dcp, fst.dcp.ranges; assert 'torch' not in sys.modules, 'torch'; fst.dcp.Reader"
+    subprocess.run([sys.executable, "-c", code.rsplit(";", 1)[0]], check=True)
+    subprocess.run([sys.executable, "-c", "import fst; fst.dcp.Reader"], check=True)
+
+
 # ------------------------------------------------------------------ inside each rank --
 
 
