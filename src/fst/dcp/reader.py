@@ -43,6 +43,13 @@ from . import ranges
 SHARDING_KEY = "DCP_SHARDING_INFO"
 SAVED_OFFSETS = "saved_offsets"
 _ALIGN = 64  # each staged piece starts on a cache line
+# Runs this short with gaps this narrow (a column shard of rows of a few KiB) are read from
+# the page cache one request each, which is fast when the file is cached; when it is not, each
+# would be its own small disk read, the kernel seeing no sequence in them. So the span they lie
+# in is first handed to the kernel's readahead (POSIX_FADV_WILLNEED: large asynchronous reads,
+# as a mapping's page faults get; about 0.1 ms per 64 MiB when it is already cached).
+_READAHEAD_RUN = 64 << 10
+_READAHEAD_GAP = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -161,7 +168,7 @@ class Reader(StorageReader):
                 raise AssertionError(f"{item.storage_index}: destination {tuple(dest.shape)}, "
                                      f"read item {tuple(item.lengths)}")
             dtype = _CAST_TO[stored.dtype]
-            itemsize = torch.empty((), dtype=dtype).element_size()
+            itemsize = dtype.itemsize
             for piece in ranges.pieces(stored.shape, itemsize, item.storage_offsets, item.lengths,
                                        merge_gap=self.merge_gap, max_piece=self.budget):
                 batch.add(stored, dtype, piece, _narrow(dest, item.storage_offsets, piece))
@@ -211,6 +218,11 @@ class _Batch:
             self.staged.append((at, dtype, piece, dest))
             self.used = -(-(at + piece.nbytes) // _ALIGN) * _ALIGN
         count = len(piece.starts)
+        if count > 1 and piece.run < _READAHEAD_RUN:
+            first, span = int(piece.starts[0]), int(piece.starts[-1]) + piece.run - int(piece.starts[0])
+            if span - piece.nbytes <= (count - 1) * _READAHEAD_GAP:
+                ckpt = self.checkpoints[stored.checkpoint]
+                os.posix_fadvise(ckpt.fd(stored.file), stored.offset + first, span, os.POSIX_FADV_WILLNEED)
         block = np.empty((count, 4), dtype=np.uint64)
         block[:, 0] = stored.file
         block[:, 1] = piece.starts + stored.offset
@@ -224,7 +236,11 @@ class _Batch:
 
     def flush(self) -> None:
         for c, blocks in self.rows.items():
-            self.bytes_read += self.checkpoints[c].read_into(np.concatenate(blocks), threads=self.threads)
+            rows = np.concatenate(blocks)
+            # In file and offset order, not the plan's (names sorted as strings jump between
+            # files): read_into takes them in the order given, and storage reads best in order.
+            rows = rows[np.lexsort((rows[:, 1], rows[:, 0]))]
+            self.bytes_read += self.checkpoints[c].read_into(rows, threads=self.threads)
         self.rows.clear()
         assert self.buffer is not None or not self.staged
         for at, dtype, piece, dest in self.staged:
