@@ -99,7 +99,7 @@ def worker(reader_name: str, rank: int, ws: int, port: int, folder: str, dtype: 
     shapes = {}
     for p in sorted(Path(folder).glob("*.safetensors")):
         with safe_open(str(p), framework="pt") as f:
-            shapes.update({k: f.get_slice(k).get_shape() for k in f.keys()})
+            shapes.update({k: f.get_slice(k).get_shape() for k in f.keys()})  # noqa: SIM118 (not a dict)
     placements = [Shard(0), Shard(1), Replicate()]
     state = {}
     for i, (name, shape) in enumerate(sorted(shapes.items())):

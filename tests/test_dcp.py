@@ -379,8 +379,6 @@ def _worker(rank: str, ws: str, port: str, tmp: str) -> None:
     import datetime
     import warnings
 
-    import safetensors.torch as sft
-    import torch
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageReader

@@ -30,7 +30,6 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
-from torch.futures import Future
 
 from .. import _core, _settings
 from .._paths import resolve_checkpoint
