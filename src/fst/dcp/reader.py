@@ -12,7 +12,9 @@ that ``Tensor.copy_`` then converts and scatters, as torch's own HuggingFaceStor
 from __future__ import annotations
 
 import json
+import mmap
 import os
+import warnings
 import uuid
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -203,6 +205,9 @@ class _Batch:
         self.bytes_read = 0
 
     def add(self, stored: StoredTensor, dtype: torch.dtype, piece: ranges.Piece, dest: torch.Tensor) -> None:
+        if len(piece.starts) > 1 and piece.run < _READAHEAD_RUN:
+            self._copy_mapped(stored, dtype, piece, dest)
+            return
         direct = (piece.exact and dest.dtype == dtype and dest.device.type == "cpu"
                   and dest.is_contiguous())
         if direct:
@@ -228,6 +233,34 @@ class _Batch:
         block[:, 2] = piece.run
         block[:, 3] = address + np.arange(count, dtype=np.uint64) * np.uint64(piece.run)
         self.rows.setdefault(stored.checkpoint, []).append(block)
+
+    def _copy_mapped(self, stored: StoredTensor, dtype: torch.dtype, piece: ranges.Piece,
+                     dest: torch.Tensor) -> None:
+        """Short runs (a column shard of short rows) are copied out of a read-only mapping of
+        the parsed file: one request each would cost more than the copy (thousands of them per
+        tensor), and the mapping's page faults read ahead on their own."""
+        first = int(piece.starts[0])
+        span = int(piece.starts[-1]) + piece.run - first
+        at = stored.offset + first
+        skip = at % mmap.ALLOCATIONGRANULARITY
+        fd = self.checkpoints[stored.checkpoint].fd(stored.file)
+        # Only the piece's span, unmapped once copied: mapped pages count in the process's
+        # RSS, and a whole file held mapped would exceed the staging budget.
+        mapped = mmap.mmap(fd, skip + span, access=mmap.ACCESS_READ, offset=at - skip)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # read-only buffer: only ever read here
+            raw = torch.frombuffer(mapped, dtype=torch.uint8, count=span, offset=skip)
+        strides = [1] * len(stored.shape)
+        for j in range(len(strides) - 2, -1, -1):
+            strides[j] = strides[j + 1] * stored.shape[j + 1]
+        begin = sum(o * st for o, st in zip(piece.box_offsets, strides)) - first // dtype.itemsize
+        dest.copy_(raw.view(dtype).as_strided(piece.box_lengths, strides, begin))
+        del raw
+        try:
+            mapped.close()
+        except BufferError:  # still exported somewhere: unmapped when collected
+            pass
+        self.bytes_read += piece.nbytes
 
     def done_with(self, item: ReadItem, dest: torch.Tensor, planner: LoadPlanner) -> None:
         """The item's pieces are all added: commit it after the read that completes it."""
