@@ -7,6 +7,8 @@ byte ranges (``ranges.pieces``) and reads all of one ``read_data`` through the c
 ``Checkpoint.read_into``, in as few calls as the staging budget allows: straight into the
 destination when it is contiguous and of the file's dtype, otherwise into a staging buffer
 that ``Tensor.copy_`` then converts and scatters, as torch's own HuggingFaceStorageReader does.
+Boxes of many short runs (a column shard of short rows) are copied out of a read-only mapping
+of their span instead, unmapped once copied.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from __future__ import annotations
 import json
 import mmap
 import os
-import warnings
 import uuid
+import warnings
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
