@@ -46,13 +46,8 @@ from . import ranges
 SHARDING_KEY = "DCP_SHARDING_INFO"
 SAVED_OFFSETS = "saved_offsets"
 _ALIGN = 64  # each staged piece starts on a cache line
-# Runs this short with gaps this narrow (a column shard of rows of a few KiB) are read from
-# the page cache one request each, which is fast when the file is cached; when it is not, each
-# would be its own small disk read, the kernel seeing no sequence in them. So the span they lie
-# in is first handed to the kernel's readahead (POSIX_FADV_WILLNEED: large asynchronous reads,
-# as a mapping's page faults get; about 0.1 ms per 64 MiB when it is already cached).
-_READAHEAD_RUN = 64 << 10
-_READAHEAD_GAP = 64 << 10
+# Runs shorter than this, several to a piece, are copied out of a mapping (_copy_mapped).
+_MAP_RUN = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -207,7 +202,7 @@ class _Batch:
         self.bytes_read = 0
 
     def add(self, stored: StoredTensor, dtype: torch.dtype, piece: ranges.Piece, dest: torch.Tensor) -> None:
-        if len(piece.starts) > 1 and piece.run < _READAHEAD_RUN:
+        if len(piece.starts) > 1 and piece.run < _MAP_RUN:
             self._copy_mapped(stored, dtype, piece, dest)
             return
         direct = (piece.exact and dest.dtype == dtype and dest.device.type == "cpu"
@@ -224,11 +219,6 @@ class _Batch:
             self.staged.append((at, dtype, piece, dest))
             self.used = -(-(at + piece.nbytes) // _ALIGN) * _ALIGN
         count = len(piece.starts)
-        if count > 1 and piece.run < _READAHEAD_RUN:
-            first, span = int(piece.starts[0]), int(piece.starts[-1]) + piece.run - int(piece.starts[0])
-            if span - piece.nbytes <= (count - 1) * _READAHEAD_GAP:
-                ckpt = self.checkpoints[stored.checkpoint]
-                os.posix_fadvise(ckpt.fd(stored.file), stored.offset + first, span, os.POSIX_FADV_WILLNEED)
         block = np.empty((count, 4), dtype=np.uint64)
         block[:, 0] = stored.file
         block[:, 1] = piece.starts + stored.offset
