@@ -34,8 +34,8 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # fst.torch and fst.jax import their framework: loaded on first use only.
-    if name in ("torch", "jax", "distributed"):
+    # fst.torch, fst.jax and fst.dcp import their framework: loaded on first use only.
+    if name in ("torch", "jax", "distributed", "dcp"):
         import importlib
 
         return importlib.import_module("." + name, __name__)
