@@ -123,8 +123,7 @@ def load_into(
             buffer_bytes = _read_bounced(ckpt, bounced, budget, threads, callback, done, total)
             # Direct reads and host conversions write through the tensors' addresses, which
             # autograd does not see: mark every destination modified in place, as copy_ would.
-            for w in writes:  # one at a time: torch before 2.5 takes no list
-                torch.autograd.graph.increment_version(w.dest)
+            _bump_versions([w.dest for w in writes])
     finally:
         close()
     record_stats({"backend": "pread", "tensors": len(writes), "unindexed": ckpt.unindexed(), "bytes": total,
@@ -133,6 +132,16 @@ def load_into(
                   "reason": f"load_into: {len(direct)} tensors read straight into their destinations, "
                             f"{len(bounced)} through a {buffer_bytes}-byte buffer"}, "torch")
     return missing, unexpected
+
+
+def _bump_versions(tensors: list[torch.Tensor]) -> None:
+    """Bump each tensor's autograd version counter: in one call where torch takes a list (2.5
+    on), else one at a time."""
+    try:
+        torch.autograd.graph.increment_version(tensors)
+    except TypeError:
+        for t in tensors:
+            torch.autograd.graph.increment_version(t)
 
 
 def _matcher(patterns: list[str], entries: Mapping[str, Any], state: Mapping[str, Any]):

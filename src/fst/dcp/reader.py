@@ -36,6 +36,7 @@ from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
 from .. import _core, _settings
+from .._loading import open_checkpoint
 from .._paths import resolve_checkpoint
 from ..adapters.torch import TORCH_DTYPES
 from ..errors import HeaderError, UnsupportedError
@@ -68,15 +69,15 @@ class StoredTensor:
 def _open(path: Union[str, os.PathLike], threads: int) -> list[_core.Checkpoint]:
     """The checkpoints `path` stands for: one, or one per file for a sharded save whose files
     repeat tensor names (each file then carries its own offsets in SHARDING_KEY)."""
-    _settings.check_environment()
-    files, index = resolve_checkpoint(path)
-    as_core = None if index is None else (index.path, index.shards, index.weight_map)
     try:
-        return [_core.Checkpoint(files, threads, as_core)]
+        return [open_checkpoint(path, threads)]
     except HeaderError as exc:
-        if index is not None or exc.rule != "duplicate tensor":
+        if exc.rule != "duplicate tensor":
             raise
-    return [_core.Checkpoint([f], threads, None) for f in files]
+        files, index = resolve_checkpoint(path)
+        if index is not None:
+            raise
+    return [open_checkpoint(f, threads) for f in files]
 
 
 class Reader(StorageReader):
