@@ -151,6 +151,45 @@ def test_keys_filter(tmp_path):
     assert fst.last_load_stats()["bytes_read"] == 8
 
 
+# Patterns on which Python's fnmatch and the core's POSIX rule part: a quoted `*`, a `^` set.
+PATTERN_NAMES = ["a*b", "axb", "zy", "^y", "l/0"]
+
+
+@pytest.mark.parametrize("pattern", ["a\\*b", "[^x]y", "?/0", "a?b"])
+def test_every_name_pattern_follows_the_cores_rule(tmp_path, pattern):
+    """keys= of fst.load and load_into, dtype= rules and shard= rules select the same names."""
+    from safetensors.numpy import save_file
+
+    import fst.torch
+    from fst.distributed.plan import ShardRules
+
+    path = str(tmp_path / "m.safetensors")
+    save_file({n: np.ones(2, np.float32) for n in PATTERN_NAMES}, path)
+    chosen = {n for n in PATTERN_NAMES if _core.name_matches(pattern, n)}
+    assert chosen and chosen != set(PATTERN_NAMES)
+    assert set(fst.load(path, keys=pattern)) == chosen
+    converted = fst.load(path, dtype={pattern: "F64"})
+    assert {n for n, a in converted.items() if a.dtype == np.float64} == chosen
+    state = {n: torch.zeros(2) for n in PATTERN_NAMES}
+    fst.torch.load_into(state, path, keys=pattern)
+    assert {n for n, t in state.items() if t.sum() == 2} == chosen
+    rules = ShardRules({pattern: 0})
+    assert {n for n in PATTERN_NAMES if rules.dim(n, (2,), "F32", 1) is not None} == chosen
+
+
+def test_jax_sharding_patterns_follow_the_cores_rule():
+    jax = pytest.importorskip("jax")
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from fst.jax.rules import ShardingRules
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("x",))
+    for pattern in ("a\\*b", "[^x]y", "?/0"):
+        rules = ShardingRules({pattern: NamedSharding(mesh, PartitionSpec())}, None, False)
+        got = {n for n in PATTERN_NAMES if rules.rule(n, (2,), "F32") is not None}
+        assert got == {n for n in PATTERN_NAMES if _core.name_matches(pattern, n)}, pattern
+
+
 def test_directory_without_files_and_missing_path(tmp_path):
     with pytest.raises(FileNotFoundError):
         fst.load(tmp_path)

@@ -142,6 +142,9 @@ void register_dtypes(py::module_& m) {
   m.def("group_starts", &group_starts, py::arg("sizes"), py::arg("budget"),
         "Index of the first item of each group of consecutive items whose sizes add up to at most\n"
         "`budget` (an item larger than the budget is a group of its own): Selection.split's rule.");
+  m.def("name_matches", &name_matches, py::arg("pattern"), py::arg("name"),
+        "Whether `name` is `pattern` or matches it as a glob (POSIX fnmatch rules, no flags): the\n"
+        "one rule of every name pattern fst takes (keys=, dtype=, shard=, sharding=).");
 }
 
 void register_selection(py::module_& m) {

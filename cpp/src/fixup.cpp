@@ -1,11 +1,10 @@
 #include "fst/fixup.hpp"
 
-#include <fnmatch.h>
-
 #include <algorithm>
 
 #include "fst/convert.hpp"
 #include "fst/errors.hpp"
+#include "fst/plan.hpp"
 
 namespace fst {
 
@@ -23,7 +22,7 @@ bool is_floating(Dtype d) noexcept {
 Dtype DtypeRules::target_for(const TensorEntry& e) const {
   std::optional<Dtype> target;
   for (const auto& [pattern, dtype] : rules) {
-    if (pattern == e.name || ::fnmatch(pattern.c_str(), e.name.c_str(), 0) == 0) {
+    if (name_matches(pattern, e.name)) {
       target = dtype;
       break;
     }

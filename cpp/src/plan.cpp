@@ -14,6 +14,10 @@
 
 namespace fst {
 
+bool name_matches(const std::string& pattern, const std::string& name) {
+  return pattern == name || ::fnmatch(pattern.c_str(), name.c_str(), 0) == 0;
+}
+
 std::string_view Checkpoint::NameOf::operator()(std::uint32_t i) const {
   return ckpt->entry(ckpt->all_[i]).name;
 }
@@ -82,7 +86,7 @@ void Checkpoint::throw_first_missing(const std::string* glob) const {
   // The first by file, then by name, so the message does not depend on the hash order.
   const std::pair<const std::string, std::uint32_t>* first = nullptr;
   for (const auto& m : missing_) {
-    if (glob && ::fnmatch(glob->c_str(), m.first.c_str(), 0) != 0) continue;
+    if (glob && !name_matches(*glob, m.first)) continue;
     if (!first || std::tie(m.second, m.first) < std::tie(first->second, first->first)) first = &m;
   }
   if (first) throw_missing(first->first, first->second);
@@ -151,7 +155,7 @@ std::vector<Pick> Checkpoint::select(const std::vector<std::string>& patterns) c
     const std::string& name = entry(r).name;
     bool keep = exact.count(name) > 0;
     for (std::size_t i = 0; !keep && i < globs.size(); ++i)
-      keep = ::fnmatch(globs[i]->c_str(), name.c_str(), 0) == 0;
+      keep = name_matches(*globs[i], name);
     if (keep) out.push_back(Pick{r});
   }
   return out;

@@ -20,7 +20,6 @@ work already queued there and whatever the caller queues next runs after them.
 
 from __future__ import annotations
 
-import fnmatch
 import functools
 import time
 from collections.abc import Mapping
@@ -145,8 +144,8 @@ def _bump_versions(tensors: list[torch.Tensor]) -> None:
 
 
 def _matcher(patterns: list[str], entries: Mapping[str, Any], state: Mapping[str, Any]):
-    """Whether a name is one `keys=` selects: an exact name, or a glob (fnmatch's rules, as the
-    core's selection). An exact name that is neither in the checkpoint nor a destination is
+    """Whether a name is one `keys=` selects: an exact name, or a glob (the core's rule, as in
+    its selection for fst.load). An exact name that is neither in the checkpoint nor a destination is
     an error, as in fst.load."""
     exact = set()
     globs = []
@@ -157,7 +156,7 @@ def _matcher(patterns: list[str], entries: Mapping[str, Any], state: Mapping[str
             exact.add(p)
         else:
             globs.append(p)
-    return lambda name: name in exact or any(fnmatch.fnmatchcase(name, g) for g in globs)
+    return lambda name: name in exact or any(_core.name_matches(g, name) for g in globs)
 
 
 def _refuse_unwritable(name: str, dest: Any) -> None:

@@ -42,6 +42,12 @@ struct IndexMap {
   std::unordered_map<std::string, std::string> shard_of;  // tensor name -> one of `shards`
 };
 
+// Whether `name` is `pattern` or matches it as a glob: POSIX fnmatch without flags (`*` matches
+// any characters and `?` any one, `/` and `.` included; `[...]` sets, `[!...]` negated; a backslash
+// quotes the next character). Every name pattern fst takes (keys=, dtype=, shard=, sharding=)
+// is matched by this one function, so all of them mean the same thing.
+bool name_matches(const std::string& pattern, const std::string& name);
+
 class Checkpoint {
  public:
   // Parses every header (in parallel over files) and refuses a name present in two files.
@@ -67,8 +73,7 @@ class Checkpoint {
   void check_complete() const;
   // Tensors the files hold that the index does not name, in file order.
   const std::vector<TensorRef>& unindexed() const noexcept { return unindexed_; }
-  // Tensors whose name equals one of `patterns` or matches it as a glob (*, ?, [...]),
-  // in file order. A pattern without glob characters that names no tensor is an error
+  // Tensors whose name equals one of `patterns` or matches it (name_matches), in file order. A pattern without glob characters that names no tensor is an error
   // (KeyError in Python); a glob may match nothing.
   std::vector<Pick> select(const std::vector<std::string>& patterns) const;
   std::uint64_t absolute_offset(TensorRef r) const { return files_[r.file].data_start() + entry(r).begin; }

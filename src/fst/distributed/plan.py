@@ -5,7 +5,6 @@ framework import, so it is tested without ranks (see docs/distributed.md, "Plan"
 from __future__ import annotations
 
 import enum
-import fnmatch
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -63,7 +62,7 @@ class ShardRules:
             dim = self._fn(name, shape, dtype)
             _check_dim_type(dim, f"shard({name!r}, ...)")
         else:
-            dim = next((d for p, d in self._patterns if p == name or fnmatch.fnmatchcase(name, p)), None)
+            dim = next((d for p, d in self._patterns if _core.name_matches(p, name)), None)
         if dim is None:
             return None
         if ndim == 0:

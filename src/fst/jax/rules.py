@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
+
+from .. import _core
 
 
 def replicated_over(sharding: Sharding) -> Sharding:
@@ -77,7 +78,7 @@ class ShardingRules:
         if name in self.exact:
             return self.exact[name]
         for pattern, value in self.globs:
-            if fnmatch.fnmatchcase(name, pattern):
+            if _core.name_matches(pattern, name):
                 return value
         return None
 
