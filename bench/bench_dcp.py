@@ -12,7 +12,8 @@ Each run starts fresh processes. Per rank it reports: the time of `dcp.load` (ra
 barrier before to a barrier after); the extra memory, peak RSS during the load (VmHWM, reset
 through /proc/self/clear_refs) minus the RSS with the state dict allocated and touched; and,
 around `read_data` alone (the rest of a load also reads sockets), `rchar` (bytes through read
-syscalls) and `read_bytes` (bytes fetched from storage) from /proc/self/io. With --cold the
+syscalls) and `read_bytes` (bytes fetched from storage) from /proc/self/io, the largest over the
+ranks and their sum (ranks on one machine share the page cache). With --cold the
 launcher drops the checkpoint's files from the page cache before each run (fsync, then
 POSIX_FADV_DONTNEED: no root needed); otherwise they are read once beforehand (warm). Medians
 over --repeat runs; the two readers alternate.
@@ -190,10 +191,14 @@ def main() -> None:
             med["max_rank_read_bytes"] = statistics.median(max(x["read_bytes"] for x in run) for run in runs[r])
             med["max_rank_extra"] = statistics.median(max(x["extra"] for x in run) for run in runs[r])
             med["max_rank_rchar"] = statistics.median(max(x["rchar"] for x in run) for run in runs[r])
+            # Ranks on one machine share the page cache: a page is fetched by whichever rank
+            # asks first, so the sum says more than any one rank's share.
+            med["all_ranks_read_bytes"] = statistics.median(sum(x["read_bytes"] for x in run) for run in runs[r])
             results[f"{ws}/{r}"] = med
             print(f"world {ws} {r:3s}: {med['seconds']:7.3f} s  extra RSS {med['max_rank_extra'] / 2**20:7.1f} MiB  "
                   f"rchar/rank {med['max_rank_rchar'] / 2**20:8.1f} MiB  "
-                  f"read_bytes/rank {med['max_rank_read_bytes'] / 2**20:8.1f} MiB  read_data {med['read_seconds']:.3f} s", flush=True)
+                  f"read_bytes/rank {med['max_rank_read_bytes'] / 2**20:8.1f} MiB  "
+                  f"all ranks {med['all_ranks_read_bytes'] / 2**20:8.1f} MiB  read_data {med['read_seconds']:.3f} s", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

@@ -264,6 +264,90 @@ def test_a_small_budget_and_strided_destinations_stage_in_pieces(tmp_path):
         assert torch.equal(ours[n], t[n].to(ours[n].dtype)), n
 
 
+class _Planner:
+    """The two planner calls read_data makes: destinations by read item, commits recorded."""
+
+    def __init__(self, dests: dict) -> None:
+        self.dests, self.committed = dests, []
+
+    def resolve_tensor(self, item):
+        return self.dests[item.dest_index.fqn]
+
+    def commit_tensor(self, item, tensor):
+        self.committed.append(item.dest_index.fqn)
+
+
+def _column_shard_read(path: Path, name: str, cols: slice):
+    """A Reader set up on `path` and a plan reading columns `cols` of 2-D tensor `name`, the
+    box of a Shard(1) rank (one run per row), with its planner."""
+    import torch
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+    from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
+
+    import fst.dcp
+
+    reader = fst.dcp.Reader(str(path))
+    metadata = reader.read_metadata()
+    reader.set_up_storage_reader(metadata, True)
+    rows = metadata.state_dict_metadata[name].size[0]
+    index = MetadataIndex(fqn=name, offset=torch.Size([0, 0]))
+    item = ReadItem(type=LoadItemType.TENSOR, storage_index=index, dest_index=MetadataIndex(fqn=name),
+                    storage_offsets=torch.Size([0, cols.start]), dest_offsets=torch.Size([0, 0]),
+                    lengths=torch.Size([rows, cols.stop - cols.start]))
+    planner = _Planner({name: torch.zeros(rows, cols.stop - cols.start)})
+    return reader, LoadPlan([item]), planner
+
+
+# "wide" is (6, 40000) float32: a third of its columns is 6 runs of 53 KB, copied out of a mapping.
+THIRD = slice(13_334, 26_668)
+
+
+def test_a_column_shard_is_copied_out_of_the_mapped_file(tmp_path):
+    make_checkpoints(tmp_path)
+    reader, plan, planner = _column_shard_read(tmp_path / "multi", "wide", THIRD)
+    reader.read_data(plan, planner).wait()
+    assert planner.committed == ["wide"]
+    assert np.array_equal(planner.dests["wide"].numpy(), _tensors()["wide"][:, THIRD].numpy())
+
+
+def test_a_file_truncated_before_its_column_shard_is_mapped_is_refused(tmp_path):
+    """An error naming the file, not SIGBUS from a mapping past its end."""
+    from fst.errors import FstError
+
+    make_checkpoints(tmp_path)
+    path = tmp_path / "multi" / "model-b.safetensors"
+    reader, plan, planner = _column_shard_read(tmp_path / "multi", "wide", THIRD)
+    os.truncate(path, path.stat().st_size // 2)
+    with pytest.raises(FstError, match="model-b.safetensors.*changed since its header was read"):
+        reader.read_data(plan, planner)
+    assert planner.committed == []
+
+
+def test_a_file_rewritten_while_mapped_is_refused(tmp_path, monkeypatch):
+    """Rewritten in place between the mapping and the copy: what was copied mixes two versions
+    of the file, so the read is refused and nothing is committed."""
+    import fst.dcp.reader
+    from fst.errors import FstError
+
+    make_checkpoints(tmp_path)
+    path = tmp_path / "multi" / "model-b.safetensors"
+    reader, plan, planner = _column_shard_read(tmp_path / "multi", "wide", THIRD)
+    prefetch = fst.dcp.reader._prefetch
+
+    def rewrite_then_prefetch(fd, offset, length):  # called once the span is mapped
+        with open(path, "r+b") as f:
+            f.seek(offset + length // 2)
+            f.write(b"\xff" * 64)
+        st = path.stat()  # a later mtime, whatever the file system's clock granularity
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        prefetch(fd, offset, length)
+
+    monkeypatch.setattr(fst.dcp.reader, "_prefetch", rewrite_then_prefetch)
+    with pytest.raises(FstError, match="model-b.safetensors.*changed since its header was read"):
+        reader.read_data(plan, planner)
+    assert planner.committed == []
+
+
 def test_validate_checkpoint_id(tmp_path):
     from fst.dcp import Reader
 

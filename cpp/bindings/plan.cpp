@@ -256,6 +256,11 @@ void register_checkpoint(py::module_& m) {
         // for hints such as posix_fadvise that must reach the parsed version, not the path.
         return c.file(i).file->fd();
       })
+      .def("check_unchanged", [](const PyCheckpoint& c, std::size_t i) {
+        // Raises FstError naming file i when its size or mtime are no longer the parsed
+        // version's: for readers that copy out of a mapping, where read_into's check is not made.
+        c.file(i).file->check_unchanged();
+      }, py::arg("file"))
       .def("identity", [](const PyCheckpoint& c, std::size_t i) {
         // (device, inode, size, mtime_ns) of the version of file i whose header was parsed.
         const FileIdentity& id = c.file(i).file->identity();
