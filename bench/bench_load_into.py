@@ -5,9 +5,11 @@
 A model of --size in BF16 (square 4096-wide weights), built and touched (every parameter
 written once) before the load, receives a checkpoint of the same names:
 
-- same:    a BF16 checkpoint into the BF16 model (fst reads straight into the parameters);
-- convert: the same checkpoint into the model in float32 (twice --size; fst reads through its
-           budget-bounded buffer and converts).
+- same:    a BF16 checkpoint into the BF16 model;
+- convert: the same checkpoint into the model in float32 (twice --size).
+
+The page cache is warm, so fst copies or converts out of mappings of the file, a span at a
+time (its other routes serve files not in the page cache and CUDA destinations).
 
 Every load runs in a fresh process, after the page cache was warmed with the checkpoint. The
 child reports the load's wall time and its extra peak memory: VmHWM minus VmRSS just before

@@ -326,13 +326,13 @@ def test_a_file_truncated_before_its_column_shard_is_mapped_is_refused(tmp_path)
 def test_a_file_rewritten_while_mapped_is_refused(tmp_path, monkeypatch):
     """Rewritten in place between the mapping and the copy: what was copied mixes two versions
     of the file, so the read is refused and nothing is committed."""
-    import fst.dcp.reader
+    import fst._mapped
     from fst.errors import FstError
 
     make_checkpoints(tmp_path)
     path = tmp_path / "multi" / "model-b.safetensors"
     reader, plan, planner = _column_shard_read(tmp_path / "multi", "wide", THIRD)
-    prefetch = fst.dcp.reader._prefetch
+    prefetch = fst._mapped.prefetch
 
     def rewrite_then_prefetch(fd, offset, length):  # called once the span is mapped
         with open(path, "r+b") as f:
@@ -342,7 +342,7 @@ def test_a_file_rewritten_while_mapped_is_refused(tmp_path, monkeypatch):
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
         prefetch(fd, offset, length)
 
-    monkeypatch.setattr(fst.dcp.reader, "_prefetch", rewrite_then_prefetch)
+    monkeypatch.setattr(fst._mapped, "prefetch", rewrite_then_prefetch)
     with pytest.raises(FstError, match="model-b.safetensors.*changed since its header was read"):
         reader.read_data(plan, planner)
     assert planner.committed == []

@@ -330,49 +330,113 @@ def test_writes_move_the_version_counter_of_leaf_parameters(tmp_path, dtype, mak
         y.backward()  # autograd sees that p changed after it was saved
 
 
-def test_a_tensor_larger_than_the_budget_goes_through_a_buffer_of_the_budget(tmp_path, monkeypatch):
-    """What can be asserted in-process: the only memory load_into allocates is its buffer, of at
-    most `budget` bytes, and none at all for destinations read straight in."""
+def _drop_from_page_cache(path) -> None:
+    import os
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # dirty pages cannot be dropped
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["cached", "not-cached"])
+def test_a_tensor_larger_than_the_budget_takes_pieces_of_the_budget(tmp_path, monkeypatch, cached):
+    """What can be asserted in-process: a file in the page cache is converted or copied out of
+    mappings of at most `budget` bytes and allocates nothing; one that is not goes through a
+    buffer of at most `budget` bytes, the only memory load_into allocates, or, for the file's
+    dtype, is read straight in."""
     path = save(tmp_path / "m.safetensors", {"big": values(torch.float32, (1 << 18,), 0),
                                             "small": values(torch.float32, (3,), 1)})
-    allocated = []
-    real_empty = torch.empty
+    # Copies: pages the reference maps cannot be dropped from the page cache.
+    ref = {name: t.clone() for name, t in safetensors.torch.load_file(str(path)).items()}
+    allocated, mapped = [], []
+    real_empty, real_map = torch.empty, _load_into.mapped_span
 
-    def spy(*args, **kwargs):
+    def spy_empty(*args, **kwargs):
         t = real_empty(*args, **kwargs)
         allocated.append(t.numel() * t.element_size())
         return t
 
-    monkeypatch.setattr(_load_into.torch, "empty", spy)
+    def spy_map(ckpt, file, offset, length, **kwargs):
+        mapped.append(length)
+        return real_map(ckpt, file, offset, length, **kwargs)
+
+    monkeypatch.setattr(_load_into.torch, "empty", spy_empty)
+    monkeypatch.setattr(_load_into, "mapped_span", spy_map)
+    if not cached:
+        _drop_from_page_cache(path)
     state = {"big": torch.zeros(1 << 18, dtype=torch.float64), "small": torch.zeros(3, dtype=torch.float16)}
     fst.torch.load_into(state, path, budget=4096)
-    assert allocated and max(allocated) <= 4096
-    ref = safetensors.torch.load_file(str(path))
     assert same(state["big"], ref["big"].double()) and same(state["small"], ref["small"].half())
+    if cached:
+        assert allocated == [] and len(mapped) > 2 and max(mapped) <= 4096
+        assert "2 converted or copied out of the page cache" in fst.last_load_stats()["reason"]
+    else:
+        assert mapped == [] and allocated and max(allocated) <= 4096
+        assert "2 through a 4096-byte buffer" in fst.last_load_stats()["reason"]
 
+    # The file's dtype: copied out of mappings when cached, else read straight in.
     allocated.clear()
+    mapped.clear()
+    if not cached:
+        _drop_from_page_cache(path)
     state = {"big": torch.zeros(1 << 18), "small": torch.zeros(3)}
     fst.torch.load_into(state, path, budget=4096)
     assert allocated == []
-    assert same(state["big"], ref["big"])
+    assert (max(mapped) <= 4096) if cached else (mapped == [])
+    assert same(state["big"], ref["big"]) and same(state["small"], ref["small"])
 
 
-def test_peak_memory_is_bounded_by_the_budget_not_the_model(tmp_path):
-    """In a fresh process: 64 MiB of bfloat16 into float32 parameters (all through the buffer)
+def test_a_file_rewritten_during_a_mapped_conversion_is_refused(tmp_path, monkeypatch):
+    """Bytes converted out of a mapping of a file rewritten in place meanwhile are refused, as
+    read_into refuses what it read."""
+    import os
+
+    from fst.errors import FstError
+
+    path = save(tmp_path / "m.safetensors", {"w": values(torch.float32, (4096,), 0)})
+    convert = _load_into._convert
+
+    def rewrite_then_convert(src, out, mode):  # src: a view of the mapped span
+        with open(path, "r+b") as f:
+            f.seek(-64, os.SEEK_END)
+            f.write(b"\xff" * 64)
+        st = os.stat(path)  # a later mtime, whatever the file system's clock granularity
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        convert(src, out, mode)
+
+    monkeypatch.setattr(_load_into, "_convert", rewrite_then_convert)
+    with pytest.raises(FstError, match="m.safetensors.*changed since its header was read"):
+        fst.torch.load_into({"w": torch.zeros(4096, dtype=torch.float64)}, path)
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["cached", "not-cached"])
+def test_peak_memory_is_bounded_by_the_budget_not_the_model(tmp_path, cached):
+    """In a fresh process: 64 MiB of bfloat16 into float32 parameters (every tensor converted
+    out of mappings when the file is in the page cache, or through the buffer when it is not)
     with a 1 MiB budget raises the peak RSS by far less than a copy of the checkpoint."""
     path = save(tmp_path / "m.safetensors", {f"w{i}": torch.randn(2048, 2048).bfloat16() for i in range(8)})
+    route = "8 converted or copied out of the page cache" if cached else "8 through a"
     # /proc/self/status, whose figures the kernel sums exactly (statm's, which psutil reads, may
     # be tens of MiB behind).
     code = textwrap.dedent(f"""
-        import torch, fst.torch
+        import os, torch, fst, fst.torch
 
         def kib(field):
             return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field + ":"))
 
         state = {{f"w{{i}}": torch.ones(2048, 2048) for i in range(8)}}
         fst.torch.load_into({{}}, {str(path)!r}, strict=False, keys="nothing*")  # imports done
+        if {not cached}:
+            fd = os.open({str(path)!r}, os.O_RDONLY)
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
         before = kib("VmRSS")
         fst.torch.load_into(state, {str(path)!r}, budget=1 << 20)
+        assert {route!r} in fst.last_load_stats()["reason"]
         print((kib("VmHWM") - before) >> 10)
     """)
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
@@ -412,6 +476,33 @@ def test_groups_fit_the_buffer_and_cover_every_element_once(monkeypatch, capacit
         spans.sort()
         assert spans[-1][1] <= capacity
         assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+    for d in dests:
+        assert torch.equal(d, torch.arange(1, d.numel() + 1, dtype=torch.float64).view(d.shape))
+
+
+@pytest.mark.parametrize("limit", [8, 1000, 1 << 20])
+def test_spans_map_each_piece_once_within_the_limit(limit):
+    """The plan of the mapped route, on its own: spans of one file each, in file order, at most
+    `limit` bytes unless one piece alone is larger (an element larger than the limit); the
+    pieces of each destination cover each of its elements once, at its place in the file."""
+    dests = [torch.zeros(7, 300, dtype=torch.float64).t(),
+             torch.zeros(40, 3, 5, dtype=torch.float64)[:, 1],
+             torch.zeros(1000, dtype=torch.float64)[::3],
+             torch.zeros((), dtype=torch.float64),
+             torch.zeros(0, 5, dtype=torch.float64),
+             torch.zeros(123, dtype=torch.float64)]
+    # Two files, the writes out of file order, 4-byte elements at distinct offsets in each.
+    offsets = [5000, 100, 20000, 0, 50, 9000]
+    writes = [_load_into._Write(f"d{i}", d, i % 2, offsets[i], torch.float32) for i, d in enumerate(dests)]
+    seen = []
+    for file, first, end, pieces in _load_into._spans(writes, limit):
+        assert end - first <= limit or len(pieces) == 1
+        for w, piece, offset in pieces:
+            assert w.file == file and first <= offset and offset + 4 * piece.numel() <= end
+            start = (offset - w.offset) // 4
+            piece.add_(torch.arange(start + 1, start + piece.numel() + 1, dtype=torch.float64).view(piece.shape))
+            seen.append((file, offset))
+    assert seen == sorted(seen)
     for d in dests:
         assert torch.equal(d, torch.arange(1, d.numel() + 1, dtype=torch.float64).view(d.shape))
 

@@ -51,7 +51,7 @@ class Piece:
         return len(self.starts) * self.run
 
 
-def _strides(shape: Sequence[int]) -> list[int]:
+def strides(shape: Sequence[int]) -> list[int]:
     """Element strides of a C-ordered tensor."""
     out = [1] * len(shape)
     for j in range(len(shape) - 2, -1, -1):
@@ -77,7 +77,7 @@ def runs(shape: Sequence[int], itemsize: int, offsets: Sequence[int],
     n = len(shape)
     if n == 0:
         return np.zeros(1, np.int64), itemsize
-    stride = _strides(shape)
+    stride = strides(shape)
     level = n - 1
     while level > 0 and lengths[level] == shape[level]:
         level -= 1
@@ -94,7 +94,7 @@ def _widen(shape: Sequence[int], itemsize: int, offsets: Sequence[int], lengths:
     """The read box: the box with cut trailing dimensions made whole while the gap between
     neighbouring runs is at most merge_gap and a merged run still fits max_piece."""
     ro, rl = list(offsets), list(lengths)
-    stride = _strides(shape)
+    stride = strides(shape)
     level = len(shape) - 1
     while level > 0:
         if rl[level] == shape[level]:

@@ -14,10 +14,8 @@ of their span instead, unmapped once copied, while the other boxes are read.
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import uuid
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -38,6 +36,7 @@ from torch.futures import Future
 
 from .. import _core, _settings
 from .._loading import open_checkpoint
+from .._mapped import mapped_span
 from .._paths import resolve_checkpoint
 from ..adapters.torch import TORCH_DTYPES
 from ..errors import HeaderError, UnsupportedError
@@ -54,7 +53,6 @@ SAVED_OFFSETS = "saved_offsets"
 _ALIGN = 64  # each staged piece starts on a cache line
 # Runs shorter than this, several to a piece, are copied out of a mapping (_copy_mapped).
 _MAP_RUN = 64 << 10
-_PREFETCH_STEP = 512 << 10  # see _prefetch
 
 
 @dataclass(frozen=True)
@@ -204,18 +202,6 @@ def _read_rows(reads: list[tuple[_core.Checkpoint, np.ndarray]], threads: int) -
     return done
 
 
-def _prefetch(fd: int, offset: int, length: int) -> None:
-    """Have the kernel start reading a span that page faults will copy from, all of it at once.
-
-    Faults alone fetch a read-ahead window at a time, one after another (five 64 MiB column
-    shards took 2-3x as long cold). One POSIX_FADV_WILLNEED reads at most about one window
-    (max(read_ahead_kb, max_sectors_kb)) and returns before the reads complete, so it is asked
-    in steps no larger than the smallest such window; on cached pages each step costs
-    microseconds."""
-    for step in range(offset, offset + length, _PREFETCH_STEP):
-        os.posix_fadvise(fd, step, min(_PREFETCH_STEP, offset + length - step), os.POSIX_FADV_WILLNEED)
-
-
 class _Batch:
     """Rows for read_into gathered across items, read when the staged pieces fill the budget;
     then the staged pieces are copied out and the finished items committed."""
@@ -267,35 +253,16 @@ class _Batch:
 
     def _copy_mapped(self, stored: StoredTensor, dtype: torch.dtype, piece: ranges.Piece,
                      dest: torch.Tensor) -> None:
-        """Short runs (a column shard of short rows) are copied out of a read-only mapping of
-        the parsed file: one request each would cost more than the copy (thousands of them per
-        tensor), and reading the whole span to stage it costs a second copy (2x the time warm).
-        The file is checked unchanged before it is mapped and after the copies."""
+        """Short runs (a column shard of short rows) are copied out of a mapping of their span
+        (fst._mapped): one request each would cost more than the copy (thousands of them per
+        tensor), and reading the whole span to stage it costs a second copy (2x the time warm)."""
         first = int(piece.starts[0])
         span = int(piece.starts[-1]) + piece.run - first
-        at = stored.offset + first
-        skip = at % mmap.ALLOCATIONGRANULARITY
-        checkpoint = self.checkpoints[stored.checkpoint]
-        # Truncated since the parse: an error now, rather than SIGBUS from the mapping.
-        checkpoint.check_unchanged(stored.file)
-        fd = checkpoint.fd(stored.file)
-        # Only the piece's span, unmapped once copied: mapped pages count in the process's
-        # RSS, and a whole file held mapped would exceed the staging budget.
-        mapped = mmap.mmap(fd, skip + span, access=mmap.ACCESS_READ, offset=at - skip)
-        _prefetch(fd, at - skip, skip + span)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # read-only buffer: only ever read here
-            raw = torch.frombuffer(mapped, dtype=torch.uint8, count=span, offset=skip)
-        strides = [1] * len(stored.shape)
-        for j in range(len(strides) - 2, -1, -1):
-            strides[j] = strides[j + 1] * stored.shape[j + 1]
+        strides = ranges.strides(stored.shape)
         begin = sum(o * st for o, st in zip(piece.box_offsets, strides)) - first // dtype.itemsize
-        dest.copy_(raw.view(dtype).as_strided(piece.box_lengths, strides, begin))
-        del raw
-        try:
-            mapped.close()
-        except BufferError:  # still exported somewhere: unmapped when collected
-            pass
+        with mapped_span(self.checkpoints[stored.checkpoint], stored.file, stored.offset + first, span) as raw:
+            dest.copy_(raw.view(dtype).as_strided(piece.box_lengths, strides, begin))
+            del raw
         self.bytes_read += piece.nbytes
 
     def done_with(self, item: ReadItem, dest: torch.Tensor, planner: LoadPlanner) -> None:
@@ -305,7 +272,7 @@ class _Batch:
     def flush(self) -> None:
         """Read the gathered rows and copy the mapped pieces at the same time (the rows on a
         thread of their own: read_into releases the GIL), then copy out the staged pieces and
-        commit the finished items. Cold, the storage serves both at once (with _prefetch, a
+        commit the finished items. Cold, the storage serves both at once (with the prefetch, a
         quarter to a third less time at worlds 2 and 3 of bench/bench_dcp.py); warm, they copy
         on two cores."""
         reads = [(self.checkpoints[c], np.concatenate(blocks)) for c, blocks in self.rows.items()]
