@@ -24,12 +24,15 @@ import argparse
 import statistics
 import time
 
-import ml_dtypes
 import numpy as np
 
 from fst import _core
+from fst.adapters.numpy import numpy_dtype
 
-SIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
+def itemsize(dtype: str) -> int:
+    return _core.dtype_bits(dtype) // 8
+
+
 DEFAULT_PAIRS = [("BF16", "F32"), ("F32", "BF16"), ("BF16", "F16"), ("F8_E4M3", "BF16")]
 
 
@@ -45,32 +48,24 @@ def median_seconds(fn, repeats):
 
 def source_data(dtype, nbytes, rng):
     """Weight-like data: normally distributed values (powers of two around 1 for E8M0)."""
-    n = nbytes // SIZE[dtype]
+    n = nbytes // itemsize(dtype)
     if dtype == "F8_E8M0":
         return rng.integers(120, 135, n, dtype=np.uint8)
     values = rng.standard_normal(n, dtype=np.float32)
     if dtype in ("F8_E4M3", "F8_E5M2"):
         values *= 64
-    np_type = {
-        "F64": np.float64,
-        "F32": np.float32,
-        "F16": np.float16,
-        "BF16": ml_dtypes.bfloat16,
-        "F8_E4M3": ml_dtypes.float8_e4m3fn,
-        "F8_E5M2": ml_dtypes.float8_e5m2,
-    }[dtype]
-    uint = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[SIZE[dtype]]
-    return values.astype(np_type).view(uint)
+    uint = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[itemsize(dtype)]
+    return values.astype(numpy_dtype(dtype)).view(uint)
 
 
 DEVICE_PAIRS = [("BF16", "F32"), ("F32", "BF16"), ("BF16", "F16"), ("BF16", "F8_E4M3"), ("F8_E4M3", "BF16")]
-TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-                "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu"}
 INNER = 20  # launches per timed sample on the GPU
 
 
 def device_bench(device: str, pairs, nbytes: int, repeats: int) -> None:
     import torch
+
+    from fst.adapters.torch import TORCH_DTYPES
 
     dev = torch.device(device)
     index = dev.index if dev.index is not None else torch.cuda.current_device()
@@ -100,7 +95,7 @@ def device_bench(device: str, pairs, nbytes: int, repeats: int) -> None:
     def one_pair(src, dst):
         data = torch.from_numpy(source_data(src, nbytes, rng)).to(dev)
         count = data.numel()
-        out_bytes = count * SIZE[dst]
+        out_bytes = count * itemsize(dst)
         ref = max(copy_rate(data.numel() * data.element_size()), copy_rate(out_bytes))
         out = torch.empty(out_bytes, dtype=torch.uint8, device=dev)
         traffic = data.numel() * data.element_size() + out_bytes
@@ -110,8 +105,8 @@ def device_bench(device: str, pairs, nbytes: int, repeats: int) -> None:
 
         t = median_seconds(fst_kernel, repeats) / INNER
         print(f"{'fst ' + src + ' -> ' + dst:<26}{t * 1e3:9.3f}{traffic / t / 1e9:14.1f}{traffic / t / 1e9 / ref:9.2f}")
-        typed_src = data.view(getattr(torch, TORCH_DTYPES[src]))
-        typed_out = out.view(getattr(torch, TORCH_DTYPES[dst]))
+        typed_src = data.view(TORCH_DTYPES[src])
+        typed_out = out.view(TORCH_DTYPES[dst])
         t = timed(lambda: typed_out.copy_(typed_src))
         print(f"{'torch cast ' + src + ' -> ' + dst:<26}{t * 1e3:9.3f}{traffic / t / 1e9:14.1f}"
               f"{traffic / t / 1e9 / ref:9.2f}")
@@ -170,7 +165,7 @@ def main():
 
     for src, dst in pairs:
         data = source_data(src, nbytes, rng)
-        out_bytes = data.size * SIZE[dst]
+        out_bytes = data.size * itemsize(dst)
         ref = max(copy_rate(data.nbytes), copy_rate(out_bytes))
         out = np.ones(out_bytes, dtype=np.uint8)
         t = median_seconds(lambda: _core.convert(data, src, dst, args.threads, out),
