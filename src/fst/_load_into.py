@@ -160,8 +160,8 @@ def _bump_versions(tensors: list[torch.Tensor]) -> None:
 
 def _matcher(patterns: list[str], entries: Mapping[str, Any], state: Mapping[str, Any]):
     """Whether a name is one `keys=` selects: an exact name, or a glob (the core's rule, as in
-    its selection for fst.load). An exact name that is neither in the checkpoint nor a destination is
-    an error, as in fst.load."""
+    its selection for fst.load). An exact name that is neither in the checkpoint nor a
+    destination is an error, as in fst.load."""
     exact = set()
     globs = []
     for p in patterns:
